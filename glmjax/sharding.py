@@ -1,0 +1,134 @@
+"""Mesh construction and the one table that maps logical axis names to mesh axes.
+
+Model code names the axes of every parameter (`logical_axes` metadata) and of its main activations
+(`constrain(x, ("batch", "seq", "embed"))`); nothing else in glmjax mentions mesh axes. A stacked
+(scanned) parameter has more dims than names: the leading extra dims are the "layers" axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axes (a tuple shards one dim over several mesh axes, in order).
+DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "seq": (),
+    "act_heads": ("tensor",),
+    "act_embed": (),
+    "act_vocab": ("tensor",),
+    # parameters
+    "layers": (),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "index_heads": ("tensor",),
+    "head_dim": (),
+    "index_head_dim": (),
+    "q_lora": (),
+    "kv_lora": (),
+    "latent": (),
+    "mlp": ("tensor",),
+    "moe_mlp": ("tensor",),
+    "experts": ("expert",),
+    "norm": (),
+    "mtp_in": ("fsdp",),
+}
+
+_RULES: contextvars.ContextVar[Mapping[str, tuple[str, ...]]] = contextvars.ContextVar(
+    "glmjax_sharding_rules", default=DEFAULT_RULES
+)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over MESH_AXES; axes missing from `shape` get size 1. Example: make_mesh({"fsdp": 4, "tensor": 2})."""
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"make_mesh: unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+    sizes = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
+    devices = list(devices if devices is not None else jax.devices())
+    n = math.prod(sizes)
+    if n != len(devices):
+        raise ValueError(f"make_mesh: mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {n} devices, "
+                         f"have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+@contextlib.contextmanager
+def logical_rules(rules: Mapping[str, tuple[str, ...]]) -> Iterator[None]:
+    """Overrides DEFAULT_RULES within the block (trace time)."""
+    token = _RULES.set(rules)
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, *, mesh=None,
+                    rules: Mapping[str, tuple[str, ...]] | None = None, what: str = "array") -> PartitionSpec:
+    """PartitionSpec for logical axis names. Mesh axes absent from (or of size 1 in) `mesh` are dropped; a
+    mesh axis is used at most once per array. With `shape`, a dim that the mesh axes do not divide is an error."""
+    rules = _RULES.get() if rules is None else rules
+    sizes = dict(mesh.shape) if mesh is not None else None
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"sharding: no rule for logical axis {name!r} (of {what})")
+        mesh_axes = [a for a in rules[name] if a not in used and (sizes is None or sizes.get(a, 1) > 1)]
+        if shape is not None and sizes is not None and mesh_axes:
+            n = math.prod(sizes[a] for a in mesh_axes)
+            if shape[i] % n:
+                raise ValueError(
+                    f"sharding: dim {i} ({name!r}, size {shape[i]}) of {what} is not divisible by mesh axes "
+                    f"{mesh_axes} (size {n}); change the mesh or the rule for {name!r}"
+                )
+        used.update(mesh_axes)
+        spec.append(tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+    return PartitionSpec(*spec)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.State:
+    """A state-shaped tree of NamedShardings for every parameter of `model` (abstract models work too).
+
+    A stacked (scanned) parameter has more dims than logical names: its leading dims are "layers"."""
+    state = nnx.state(model, nnx.Param)
+
+    def one(path, v):
+        shape = v.shape
+        axes = tuple(v.get_metadata().get("logical_axes", ()))
+        axes = ("layers",) * (len(shape) - len(axes)) + axes
+        what = "/".join(str(p) for p in path)
+        return NamedSharding(mesh, logical_to_spec(axes, shape, mesh=mesh, rules=rules, what=what))
+
+    return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
+    """Places every parameter of `model` on `mesh` according to the logical rules (in place; returns model)."""
+    shardings = param_shardings(model, mesh, rules)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical names; a no-op unless a mesh is set (`jax.set_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = logical_to_spec(axes, None, mesh=mesh)
+    return jax.lax.with_sharding_constraint(x, spec)

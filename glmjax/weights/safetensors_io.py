@@ -1,0 +1,100 @@
+"""Minimal safetensors reading (memory-mapped, zero-copy) and streaming writing.
+
+glmjax reads the format itself so that every dtype a GLM checkpoint uses (BF16 and F8_E4M3 included) maps
+to a numpy view of the file with no copy; `safetensors.numpy` cannot represent bfloat16 or fp8.
+Format: 8-byte little-endian header length N, N bytes of JSON header, then the raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsFormatError(ValueError):
+    pass
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file: `keys()`, `shape(k)`, `dtype(k)`, `tensor(k)` (a read-only view)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise SafetensorsFormatError(f"{self.path}: too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SafetensorsFormatError(f"{self.path}: unreadable safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self._header = header
+        self._offset = 8 + n
+        self._mmap: np.memmap | None = None
+        size = self.path.stat().st_size - self._offset
+        for k, info in header.items():
+            if info.get("dtype") not in DTYPES:
+                raise SafetensorsFormatError(f"{self.path}: tensor {k!r} has unsupported dtype {info.get('dtype')}")
+            begin, end = info["data_offsets"]
+            need = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
+            if end - begin != need or end > size:
+                raise SafetensorsFormatError(f"{self.path}: tensor {k!r} has inconsistent offsets {begin}..{end}")
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def dtype(self, key: str) -> np.dtype:
+        return DTYPES[self._header[key]["dtype"]]
+
+    def tensor(self, key: str) -> np.ndarray:
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._offset)
+        begin, end = self._header[key]["data_offsets"]
+        return self._mmap[begin:end].view(self.dtype(key)).reshape(self.shape(key))
+
+
+def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], *, shapes_dtypes=None,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes tensors one by one. `shapes_dtypes` (name -> (shape, dtype)) lets the header be written before
+    the (lazily produced) tensors arrive, so only one tensor is in memory at a time."""
+    if shapes_dtypes is None:
+        tensors = list(tensors)
+        shapes_dtypes = {k: (v.shape, v.dtype) for k, v in tensors}
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for k, (shape, dtype) in shapes_dtypes.items():
+        dtype = np.dtype(dtype)
+        if dtype not in DTYPE_NAMES:
+            raise SafetensorsFormatError(f"cannot write {k!r}: dtype {dtype} has no safetensors name")
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[k] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for k, arr in tensors:
+            shape, dtype = shapes_dtypes[k]
+            arr = np.ascontiguousarray(arr)
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise SafetensorsFormatError(f"{k!r}: got {arr.shape} {arr.dtype}, header says {shape} {dtype}")
+            f.write(arr.tobytes())

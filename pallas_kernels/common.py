@@ -1,0 +1,41 @@
+"""Helpers shared by every kernel folder."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+INVALID_INDEX = -1  # a top-k slot with no valid key behind it (context shorter than k, padding)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pad_axis(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
+    """Pads `axis` of x up to a multiple of `multiple`."""
+    n = x.shape[axis]
+    extra = cdiv(n, multiple) * multiple - n
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def map_query_blocks(fn, q_block: int, *arrays: jax.Array):
+    """Applies fn to consecutive blocks of axis 1 (the query axis) of each array, one block at a time
+    (lax.map keeps only one block's intermediates live), and concatenates the outputs along axis 1."""
+    T = arrays[0].shape[1]
+    bq = min(q_block, T)
+    nb = cdiv(T, bq)
+    blocked = [
+        jnp.moveaxis(pad_axis(a, 1, bq).reshape(a.shape[0], nb, bq, *a.shape[2:]), 1, 0) for a in arrays
+    ]
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(blocked))
+
+    def unblock(y):
+        y = jnp.moveaxis(y, 0, 1)
+        return y.reshape(y.shape[0], nb * bq, *y.shape[3:])[:, :T]
+
+    return jax.tree.map(unblock, out)

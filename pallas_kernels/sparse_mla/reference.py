@@ -1,0 +1,43 @@
+"""Pure-JAX reference of sparse MLA attention in absorbed form, chunked over query blocks.
+
+Every query head attends over the same latent rows (one "KV head" of kv_lora_rank + rope dims, 576 for
+GLM-5.2), and only over the rows its top-k indices select. The values are the first `v_dim` dims of the rows.
+Per block the gathered rows are [B, q_block, K, Dk]; no [T, S] array exists.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import map_query_blocks
+
+
+def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: int = 128):
+    """Attention of each query over its selected latent rows.
+
+    Args:
+      q: [B, T, H, Dk] absorbed queries (q_nope @ W_UK, then the roped q, concatenated).
+      kv: [B, S, Dk] latent rows (normed kv latent, then the roped shared key).
+      indices: [B, T, K] int32 selected rows; negative entries are empty slots.
+      scale: softmax scale. v_dim: the first v_dim dims of each row are its value.
+    Returns:
+      out [B, T, H, v_dim] in q.dtype (zeros for a query with no valid row) and lse [B, T, H] float32
+      (-inf for such a query).
+    """
+
+    def block(qb, ib):
+        valid = ib >= 0
+        rows = jax.vmap(lambda kv_b, i_b: kv_b[jnp.clip(i_b, 0, kv.shape[1] - 1)])(kv, ib)  # [B,bq,K,Dk]
+        logits = jnp.einsum("bqhd,bqkd->bqhk", qb, rows, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.exp(logits - m_safe)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        probs = (p / jnp.where(denom > 0, denom, 1.0)).astype(q.dtype)
+        out = jnp.einsum("bqhk,bqkv->bqhv", probs, rows[..., :v_dim], preferred_element_type=jnp.float32)
+        lse = (m_safe + jnp.log(denom))[..., 0]
+        return out.astype(q.dtype), lse
+
+    return map_query_blocks(block, q_block, q, indices)
