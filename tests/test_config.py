@@ -17,7 +17,8 @@ def test_glm52_schedule_and_size():
     assert cfg.mlp_schedule == ("dense",) * 3 + ("sparse",) * 75
     assert cfg.qk_head_dim == 256 and cfg.latent_dim == 576
     n = cfg.num_parameters()
-    print(f"GLM-5.2 parameters from config: {n / 1e9:.2f}B (with MTP), {cfg.num_parameters(include_mtp=False) / 1e9:.2f}B")
+    without = cfg.num_parameters(include_mtp=False)
+    print(f"GLM-5.2 parameters from config: {n / 1e9:.2f}B (with MTP), {without / 1e9:.2f}B without")
     assert round(n / 1e9, 1) == 753.3
 
 

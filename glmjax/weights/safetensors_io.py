@@ -33,26 +33,36 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        file_size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
                 raise SafetensorsFormatError(f"{self.path}: too short to be a safetensors file")
             (n,) = struct.unpack("<Q", head)
+            if n > file_size - 8:  # a corrupt length must not make us allocate n bytes
+                raise SafetensorsFormatError(f"{self.path}: header length {n} exceeds the file size {file_size}")
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SafetensorsFormatError(f"{self.path}: unreadable safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsFormatError(f"{self.path}: safetensors header is not a JSON object")
         header.pop("__metadata__", None)
         self._header = header
         self._offset = 8 + n
         self._mmap: np.memmap | None = None
-        size = self.path.stat().st_size - self._offset
+        size = file_size - self._offset
         for k, info in header.items():
+            if not isinstance(info, dict):
+                raise SafetensorsFormatError(f"{self.path}: malformed header entry for {k!r}")
             if info.get("dtype") not in DTYPES:
                 raise SafetensorsFormatError(f"{self.path}: tensor {k!r} has unsupported dtype {info.get('dtype')}")
-            begin, end = info["data_offsets"]
-            need = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
-            if end - begin != need or end > size:
+            try:
+                begin, end = (int(x) for x in info["data_offsets"])
+                need = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
+            except (KeyError, TypeError, ValueError) as e:
+                raise SafetensorsFormatError(f"{self.path}: malformed header entry for {k!r} ({e!r})") from None
+            if begin < 0 or end - begin != need or end > size:
                 raise SafetensorsFormatError(f"{self.path}: tensor {k!r} has inconsistent offsets {begin}..{end}")
 
     def keys(self) -> list[str]:
