@@ -101,20 +101,20 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
     return PartitionSpec(*spec)
 
 
+def param_sharding(variable: nnx.Variable, mesh: Mesh, rules=None, what: str = "parameter") -> NamedSharding:
+    """NamedSharding of one parameter. A stacked (scanned) parameter has more dims than logical names: its
+    leading dims are "layers"."""
+    shape = tuple(variable.shape)
+    axes = tuple(variable.get_metadata().get("logical_axes", ()))
+    axes = ("layers",) * (len(shape) - len(axes)) + axes
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh=mesh, rules=rules, what=what))
+
+
 def param_shardings(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.State:
-    """A state-shaped tree of NamedShardings for every parameter of `model` (abstract models work too).
-
-    A stacked (scanned) parameter has more dims than logical names: its leading dims are "layers"."""
-    state = nnx.state(model, nnx.Param)
-
-    def one(path, v):
-        shape = v.shape
-        axes = tuple(v.get_metadata().get("logical_axes", ()))
-        axes = ("layers",) * (len(shape) - len(axes)) + axes
-        what = "/".join(str(p) for p in path)
-        return NamedSharding(mesh, logical_to_spec(axes, shape, mesh=mesh, rules=rules, what=what))
-
-    return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    """A state-shaped tree of NamedShardings for every parameter of `model` (abstract models work too)."""
+    return jax.tree.map_with_path(
+        lambda path, v: param_sharding(v, mesh, rules, "/".join(str(p) for p in path)),
+        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:

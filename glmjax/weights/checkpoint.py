@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from glmjax.config import ConfigError, GlmMoeDsaConfig
 from glmjax.model import GlmMoeDsa, ModelOptions
-from glmjax.sharding import logical_to_spec
+from glmjax.sharding import param_sharding
 from glmjax.weights.mapping import ParamPlan, build_plans, iter_hf_keys
 from glmjax.weights.safetensors_io import SafetensorsFile, SafetensorsFormatError, write_safetensors
 
@@ -223,10 +223,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, *, options: ModelOptio
         if mesh is None:
             sharding = SingleDeviceSharding(jax.devices()[0])
         else:
-            axes = tuple(var.get_metadata().get("logical_axes", ()))
-            axes = ("layers",) * (len(plan.shape) - len(axes)) + axes
-            spec = logical_to_spec(axes, plan.shape, mesh=mesh, rules=rules, what="/".join(map(str, path)))
-            sharding = NamedSharding(mesh, spec)
+            sharding = param_sharding(var, mesh, rules, "/".join(map(str, path)))
         new_values[path] = jax.make_array_from_callback(
             plan.shape, sharding, lambda idx, plan=plan: reader.read(plan, idx)
         )
