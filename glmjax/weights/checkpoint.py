@@ -8,6 +8,7 @@ slice, so the weights are never held twice and a multi-host mesh reads only its 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -97,6 +98,9 @@ class HFCheckpoint:
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
     def _file(self, key: str) -> SafetensorsFile:
         return self._files[self._where[key]]
 
@@ -161,7 +165,7 @@ class WeightReader:
         t = self.ckpt.tensor(key)
         region = t[rows] if cols is None else t[rows, cols]
         scale_key = key + SCALE_SUFFIX
-        if scale_key not in self.ckpt._where:
+        if scale_key not in self.ckpt:
             return np.asarray(region)
         b0, b1 = self.fp8.block_size
         r = np.arange(t.shape[0])[rows] // b0
@@ -177,7 +181,7 @@ class WeightReader:
         ranges = [range(*s.indices(n)) for s, n in zip(stack_idx, plan.stack_shape, strict=True)]
         leaf_shape = tuple(len(range(*s.indices(n))) for s, n in zip(leaf_idx, plan.leaf_shape, strict=True))
         out = np.empty(tuple(len(r) for r in ranges) + leaf_shape, dtype=plan.dtype)
-        for pos, idx in zip(np.ndindex(*(len(r) for r in ranges)), _product(ranges), strict=True):
+        for pos, idx in zip(np.ndindex(*(len(r) for r in ranges)), itertools.product(*ranges), strict=True):
             out[pos] = self._read_leaf(plan, str(plan.keys[idx]), leaf_idx)
         return out
 
@@ -185,22 +189,11 @@ class WeightReader:
         if plan.linear and len(plan.leaf_shape) == 2:
             # glmjax [in, out] = HF [out, in].T: read only the region this slice needs.
             return self._hf_region(key, leaf_idx[1], leaf_idx[0]).T.astype(plan.dtype)
-        if not plan.linear and len(plan.leaf_shape) >= 1:
-            rest = leaf_idx[1] if len(leaf_idx) > 1 else None
-            region = self._hf_region(key, leaf_idx[0], rest)
-            return region[(slice(None),) * 2 + leaf_idx[2:]].astype(plan.dtype) if len(leaf_idx) > 2 else \
-                region.astype(plan.dtype)
+        if not plan.linear:  # norms, biases (1-D) and the embedding (2-D), stored as in the file
+            return self._hf_region(key, leaf_idx[0], leaf_idx[1] if len(leaf_idx) == 2 else None).astype(plan.dtype)
+        # Linear weights split into head axes: read the HF tensor whole, then reshape and slice.
         full = self._hf_region(key, slice(None), slice(None) if len(self.ckpt.shape(key)) == 2 else None)
         return plan.to_leaf(full)[leaf_idx].astype(plan.dtype)
-
-
-def _product(ranges):
-    if not ranges:
-        yield ()
-        return
-    for i in ranges[0]:
-        for rest in _product(ranges[1:]):
-            yield (i,) + rest
 
 
 def load_pretrained(path: str | Path, dtype=jnp.bfloat16, *, options: ModelOptions | None = None,
