@@ -39,3 +39,22 @@ def map_query_blocks(fn, q_block: int, *arrays: jax.Array):
         return y.reshape(y.shape[0], nb * bq, *y.shape[3:])[:, :T]
 
     return jax.tree.map(unblock, out)
+
+
+PALLAS_IMPLS = ("pallas", "pallas_tpu", "pallas_gpu")
+
+
+def kernel_family(impl: str) -> tuple[str, bool]:
+    """impl -> (kernel family "tpu" | "gpu", interpret?).
+
+    "pallas" picks the kernels of the default backend; on CPU (tests) it runs the TPU kernels in interpret
+    mode. "pallas_tpu" / "pallas_gpu" force a family, interpreted when the backend is not that chip."""
+    backend = jax.default_backend()
+    if impl == "pallas":
+        if backend in ("tpu", "gpu"):
+            return backend, False
+        return "tpu", True
+    if impl in ("pallas_tpu", "pallas_gpu"):
+        family = impl.removeprefix("pallas_")
+        return family, backend != family
+    raise ValueError(f"unknown kernel impl {impl!r}; expected 'reference' or one of {PALLAS_IMPLS}")

@@ -69,6 +69,9 @@ class Indexer(nnx.Module):
         q = jnp.concatenate([apply_rope(q[..., :p], info.cos, info.sin), q[..., p:]], axis=-1)
         k = self.keys(x, info)
         w = self.weights_proj(x, out_dtype=jnp.float32) * cfg.index_n_heads**-0.5
+        # The selection is discrete, so the LM loss has no gradient here; cutting the graph also keeps
+        # autodiff away from the score kernels (the indexer's own loss differentiates its scores separately).
+        q, k, w = jax.lax.stop_gradient((q, k, w))
         return indexer_topk(
             q, k, w, key_valid=info.key_valid, query_index=info.query_index, topk=cfg.index_topk,
             scale=cfg.index_head_dim**-0.5, q_block=self.opts.q_block, impl=self.opts.attention_impl,

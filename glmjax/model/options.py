@@ -7,8 +7,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-AttentionImpl = Literal["reference"]
-ATTENTION_IMPLS: tuple[str, ...] = ("reference",)
+AttentionImpl = Literal["reference", "pallas", "pallas_tpu", "pallas_gpu"]
+ATTENTION_IMPLS: tuple[str, ...] = ("reference", "pallas", "pallas_tpu", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,14 +1,61 @@
-"""Sparse MLA attention (absorbed form) over top-k selected latent rows. `sparse_mla` dispatches on `impl`."""
+"""Sparse MLA attention (absorbed form) over top-k selected latent rows.
+
+`sparse_mla(q, kv, indices, ..., impl)`: "reference" (pure JAX, differentiated by autodiff), or a Pallas
+impl whose forward and backward are both kernels, joined by a custom_vjp: the backward is sparse too (dq
+from the selected rows, dkv by scatter-add into the latent rows), so training pays sparse cost. No
+gradient flows into `indices` (top-k selection is discrete) or through `lse`.
+"""
 
 from __future__ import annotations
 
+import functools
+
+import jax
+
+from pallas_kernels.common import kernel_family
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 
-IMPLS = ("reference",)
+
+def _kernels(family: str):
+    if family == "tpu":
+        from pallas_kernels.sparse_mla.tpu import sparse_mla_bwd_tpu as bwd
+        from pallas_kernels.sparse_mla.tpu import sparse_mla_fwd_tpu as fwd
+    else:
+        from pallas_kernels.sparse_mla.gpu import sparse_mla_bwd_gpu as bwd
+        from pallas_kernels.sparse_mla.gpu import sparse_mla_fwd_gpu as fwd
+    return fwd, bwd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _sparse_mla_pallas(q, kv, indices, scale, v_dim, family, interpret):
+    fwd, _ = _kernels(family)
+    return fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)
+
+
+def _fwd(q, kv, indices, scale, v_dim, family, interpret):
+    fwd, _ = _kernels(family)
+    out, lse = fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)
+    return (out, lse), (q, kv, indices, out, lse)
+
+
+def _bwd(scale, v_dim, family, interpret, res, cts):
+    q, kv, indices, out, lse = res
+    d_out, _ = cts  # lse is returned under stop_gradient: its cotangent is zero
+    _, bwd = _kernels(family)
+    dq, dkv = bwd(q, kv, indices, out, lse, d_out, scale=scale, v_dim=v_dim, interpret=interpret)
+    return dq, dkv, None
+
+
+_sparse_mla_pallas.defvjp(_fwd, _bwd)
 
 
 def sparse_mla(q, kv, indices, *, scale: float, v_dim: int, q_block: int = 128, impl: str = "reference"):
-    """See `sparse_mla_reference` for shapes and semantics."""
+    """q [B,T,H,Dk], kv [B,S,Dk], indices [B,T,K] int32 (-1 = empty) -> (out [B,T,H,v_dim], lse [B,T,H]).
+
+    See `sparse_mla_reference` for the semantics. lse carries no gradient."""
     if impl == "reference":
-        return sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, q_block=q_block)
-    raise ValueError(f"sparse_mla: impl {impl!r} is not one of {IMPLS}")
+        out, lse = sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, q_block=q_block)
+    else:
+        family, interpret = kernel_family(impl)
+        out, lse = _sparse_mla_pallas(q, kv, indices, float(scale), int(v_dim), family, interpret)
+    return out, jax.lax.stop_gradient(lse)
