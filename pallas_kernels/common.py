@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 
@@ -58,3 +62,16 @@ def kernel_family(impl: str) -> tuple[str, bool]:
         family = impl.removeprefix("pallas_")
         return family, backend != family
     raise ValueError(f"unknown kernel impl {impl!r}; expected 'reference' or one of {PALLAS_IMPLS}")
+
+
+@functools.cache
+def _tuned_table() -> dict:
+    return json.loads((Path(__file__).parent / "tuned_blocks.json").read_text())
+
+
+def tuned_blocks(op: str, family: str) -> dict:
+    """Block-size keyword arguments for `op` on the current chip (tuned_blocks.json): the entry for the exact
+    device kind if there is one, else the family's."""
+    table = _tuned_table()[op]
+    kind = jax.devices()[0].device_kind
+    return dict(table.get(kind, table[family]))

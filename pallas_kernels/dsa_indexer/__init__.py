@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from pallas_kernels.common import kernel_family, map_query_blocks
+from pallas_kernels.common import kernel_family, map_query_blocks, tuned_blocks
 from pallas_kernels.dsa_indexer.reference import indexer_topk_reference
 from pallas_kernels.dsa_indexer.topk import exact_topk
 
@@ -21,7 +21,8 @@ def indexer_scores(q, k, w, key_valid, query_index, *, scale: float, k_scale=Non
         from pallas_kernels.dsa_indexer.tpu import indexer_scores_tpu as kernel
     else:
         from pallas_kernels.dsa_indexer.gpu import indexer_scores_gpu as kernel
-    return kernel(q, k, w, key_valid, query_index, scale=scale, k_scale=k_scale, interpret=interpret)
+    return kernel(q, k, w, key_valid, query_index, scale=scale, k_scale=k_scale, interpret=interpret,
+                  **tuned_blocks("indexer_scores", family))
 
 
 def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_block: int = 128,
@@ -41,7 +42,8 @@ def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_
     if family == "tpu":
         from pallas_kernels.dsa_indexer.tpu import kth_largest_key_tpu
 
-        threshold_fn = functools.partial(kth_largest_key_tpu, interpret=interpret)
+        threshold_fn = functools.partial(kth_largest_key_tpu, interpret=interpret,
+                                         **tuned_blocks("kth_largest_key", family))
 
     def block(qb, wb, qib):
         scores = indexer_scores(qb, k, wb, key_valid, qib, scale=scale, k_scale=k_scale, impl=impl)

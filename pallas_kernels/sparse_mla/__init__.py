@@ -12,7 +12,7 @@ import functools
 
 import jax
 
-from pallas_kernels.common import kernel_family
+from pallas_kernels.common import kernel_family, tuned_blocks
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 
 
@@ -29,12 +29,13 @@ def _kernels(family: str):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _sparse_mla_pallas(q, kv, indices, scale, v_dim, family, interpret):
     fwd, _ = _kernels(family)
-    return fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)
+    return fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret, **tuned_blocks("sparse_mla_fwd", family))
 
 
 def _fwd(q, kv, indices, scale, v_dim, family, interpret):
     fwd, _ = _kernels(family)
-    out, lse = fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)
+    out, lse = fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret,
+                   **tuned_blocks("sparse_mla_fwd", family))
     return (out, lse), (q, kv, indices, out, lse)
 
 
@@ -42,7 +43,8 @@ def _bwd(scale, v_dim, family, interpret, res, cts):
     q, kv, indices, out, lse = res
     d_out, _ = cts  # lse is returned under stop_gradient: its cotangent is zero
     _, bwd = _kernels(family)
-    dq, dkv = bwd(q, kv, indices, out, lse, d_out, scale=scale, v_dim=v_dim, interpret=interpret)
+    dq, dkv = bwd(q, kv, indices, out, lse, d_out, scale=scale, v_dim=v_dim, interpret=interpret,
+                  **tuned_blocks("sparse_mla_bwd", family))
     return dq, dkv, None
 
 
