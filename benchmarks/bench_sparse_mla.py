@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 
-from benchmarks.harness import chip, on_accelerator, report, time_fn
+from benchmarks.harness import on_accelerator, report, start, time_fn
 from pallas_kernels.sparse_mla import sparse_mla
 
 
@@ -51,16 +49,13 @@ def bench(B, T, S, H, Dk, v_dim, K, impl):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--impl", default="pallas")
-    args = ap.parse_args(argv)
-    print(f"device: {chip()[0]} ({jax.default_backend()})")
+    impl = start(argv)
     if on_accelerator():
         for S in (8192, 65536, 131072):
-            bench(1, 512, S, 64, 576, 512, 2048, args.impl)  # a prefill/training slice of 512 queries
-        bench(8, 1, 1048576 // 8, 64, 576, 512, 2048, args.impl)  # decode: batch 8, 128K each
+            bench(1, 512, S, 64, 576, 512, 2048, impl)  # a prefill/training slice of 512 queries
+        bench(8, 1, 1048576 // 8, 64, 576, 512, 2048, impl)  # decode: batch 8, 128K each
     else:
-        bench(1, 16, 256, 4, 576, 512, 32, args.impl)
+        bench(1, 16, 256, 4, 576, 512, 32, impl)
 
 
 if __name__ == "__main__":

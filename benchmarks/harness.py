@@ -6,6 +6,7 @@ on CPU the shapes are small and the kernels run in interpret mode (a smoke test,
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -57,3 +58,12 @@ def report(name: str, seconds: float, flops: float, bytes_: float, baseline: flo
     line = "  ".join(parts)
     print(line, flush=True)
     return line
+
+
+def start(argv=None) -> str:
+    """Parses the scripts' common flags (--impl), prints the device, and returns the impl to benchmark."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", default="pallas", help="pallas | pallas_tpu | pallas_gpu")
+    impl = ap.parse_args(argv).impl
+    print(f"device: {chip()[0]} ({jax.default_backend()})")
+    return impl

@@ -36,10 +36,10 @@ def program(name):
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.compile_report import attention_program
     from pallas_kernels.dsa_indexer.reference import indexer_scores_block
     from pallas_kernels.dsa_indexer.topk import exact_topk
     from pallas_kernels.dsa_indexer.tpu import indexer_scores_tpu, kth_largest_key_tpu
-    from pallas_kernels.sparse_mla.tpu import sparse_mla_fwd_tpu
 
     sd = jax.ShapeDtypeStruct
     S, K = 131072, 2048
@@ -64,9 +64,7 @@ def program(name):
     B, T = (8, 1) if name.startswith("decode") else (1, 64)
     if name.endswith("dense"):
         return dense, (sd((B, T, 64, 576), bf), sd((B, S, 576), bf))
-    width = 640 if B == 8 else 576
-    return (lambda q, kv, idx: sparse_mla_fwd_tpu(q, kv, idx, scale=0.0625, v_dim=512),
-            (sd((B, T, 64, 576), bf), sd((B, S, width), bf), sd((B, T, K), jnp.int32)))
+    return attention_program(B, T, S, backward=False, width=640 if B == 8 else 576)
 
 
 def child(name: str) -> None:

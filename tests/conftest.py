@@ -7,12 +7,5 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
-
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    return GOLDEN

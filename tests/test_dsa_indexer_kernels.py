@@ -129,19 +129,11 @@ AOT_CASES = [
     "topology,int8_keys", [("v5p:2x2x1", False), ("v6e:2x2", False), ("v5p:2x2x1", True)])  # int8 MXU: v5p
 @pytest.mark.parametrize("name,B,T,S", AOT_CASES)
 def test_indexer_compiles_for_tpu(topology, name, B, T, S, int8_keys):
+    from benchmarks.compile_report import indexer_program
     from pallas_kernels.tpu_aot import compile_for_tpu
 
-    H, D, K = 32, 128, 2048
-
-    def fn(q, k, w, valid, qi, ks):
-        scores = indexer_scores_tpu(q, k, w, valid, qi, scale=D**-0.5, k_scale=ks if int8_keys else None)
-        return exact_topk(scores, K, threshold_fn=kth_largest_key_tpu)
-
-    sd = jax.ShapeDtypeStruct
-    compiled = compile_for_tpu(
-        fn, sd((B, T, H, D), jnp.bfloat16), sd((B, S, D), jnp.int8 if int8_keys else jnp.bfloat16),
-        sd((B, T, H), jnp.float32), sd((B, S), jnp.bool_), sd((B, T), jnp.int32), sd((B, S), jnp.float32),
-        topology=topology)
+    fn, args = indexer_program(B, T, S, int8_keys)
+    compiled = compile_for_tpu(fn, *args, topology=topology)
     mem = compiled.memory_analysis()
     print(f"indexer {topology} {name} int8={int8_keys}: temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, "
           f"args {mem.argument_size_in_bytes / 2**20:.1f} MiB")

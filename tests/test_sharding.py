@@ -8,7 +8,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 import glmjax
-from glmjax.sharding import DEFAULT_RULES, constrain, logical_to_spec, make_mesh, param_shardings, shard_model
+from glmjax.sharding import (
+    DEFAULT_RULES,
+    constrain,
+    logical_rules,
+    logical_to_spec,
+    make_mesh,
+    param_shardings,
+    shard_model,
+)
 from tests.conftest import GOLDEN
 
 MESHES = [
@@ -72,3 +80,7 @@ def test_logical_to_spec_rules():
         make_mesh({"data": 3, "tensor": 2})
     x = jnp.ones((4, 4))
     assert constrain(x, ("batch", None)) is x  # no mesh set: no-op
+    # Overriding the table for a block changes what logical names map to (activations use it at trace time).
+    with logical_rules({**DEFAULT_RULES, "batch": ("data",)}):
+        assert logical_to_spec(("batch",), mesh=mesh) == PartitionSpec("data")
+    assert logical_to_spec(("batch",), mesh=mesh) == PartitionSpec(("data", "fsdp"))

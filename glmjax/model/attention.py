@@ -62,15 +62,13 @@ class Indexer(nnx.Module):
     def __call__(self, x: jax.Array, q_resid: jax.Array, info: SequenceInfo) -> jax.Array:
         """x [B,T,D] (normed layer input), q_resid [B,T,q_lora] -> top-k indices [B,T,K] int32 (-1 = empty)."""
         cfg = self.cfg
-        # No gradient reaches the indexer through the LM loss (top-k is discrete); it trains on its own loss.
-        x, q_resid = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_resid)
         p = cfg.qk_rope_head_dim
         q = self.wq_b(q_resid)
         q = jnp.concatenate([apply_rope(q[..., :p], info.cos, info.sin), q[..., p:]], axis=-1)
         k = self.keys(x, info)
         w = self.weights_proj(x, out_dtype=jnp.float32) * cfg.index_n_heads**-0.5
-        # The selection is discrete, so the LM loss has no gradient here; cutting the graph also keeps
-        # autodiff away from the score kernels (the indexer's own loss differentiates its scores separately).
+        # The selection is discrete, so the LM loss sends no gradient to the indexer or its inputs; cutting the
+        # graph here also keeps autodiff away from the score kernels (the indexer trains on its own loss).
         q, k, w = jax.lax.stop_gradient((q, k, w))
         return indexer_topk(
             q, k, w, key_valid=info.key_valid, query_index=info.query_index, topk=cfg.index_topk,

@@ -25,6 +25,19 @@ def indexer_scores(q, k, w, key_valid, query_index, *, scale: float, k_scale=Non
                   **tuned_blocks("indexer_scores", family))
 
 
+def select_topk(scores, k: int, *, impl: str = "pallas"):
+    """Exact top-k of scores [..., S] float32 (see topk.exact_topk) with the threshold search of `impl`:
+    the TPU kernel (each row held in VMEM for the 32 passes) on the TPU family, XLA on GPU."""
+    family, interpret = kernel_family(impl)
+    threshold_fn = None
+    if family == "tpu":
+        from pallas_kernels.dsa_indexer.tpu import kth_largest_key_tpu
+
+        threshold_fn = functools.partial(kth_largest_key_tpu, interpret=interpret,
+                                         **tuned_blocks("kth_largest_key", family))
+    return exact_topk(scores, k, threshold_fn=threshold_fn)
+
+
 def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_block: int = 128,
                  impl: str = "reference", k_scale=None):
     """Top-k key indices [B, T, min(topk, S)] int32 per query, -1 in empty slots.
@@ -37,16 +50,10 @@ def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_
             raise ValueError("indexer_topk: quantized keys (k_scale) need a Pallas impl")
         return indexer_topk_reference(q, k, w, key_valid=key_valid, query_index=query_index, topk=topk,
                                       scale=scale, q_block=q_block)
-    family, interpret = kernel_family(impl)
-    threshold_fn = None  # GPU: the threshold search runs in XLA
-    if family == "tpu":
-        from pallas_kernels.dsa_indexer.tpu import kth_largest_key_tpu
-
-        threshold_fn = functools.partial(kth_largest_key_tpu, interpret=interpret,
-                                         **tuned_blocks("kth_largest_key", family))
+    kernel_family(impl)  # an unknown impl fails here, before tracing
 
     def block(qb, wb, qib):
         scores = indexer_scores(qb, k, wb, key_valid, qib, scale=scale, k_scale=k_scale, impl=impl)
-        return exact_topk(scores, topk, threshold_fn=threshold_fn)
+        return select_topk(scores, topk, impl=impl)
 
     return map_query_blocks(block, q_block, q, w, query_index)

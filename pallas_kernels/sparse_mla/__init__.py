@@ -28,8 +28,7 @@ def _kernels(family: str):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _sparse_mla_pallas(q, kv, indices, scale, v_dim, family, interpret):
-    fwd, _ = _kernels(family)
-    return fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret, **tuned_blocks("sparse_mla_fwd", family))
+    return _fwd(q, kv, indices, scale, v_dim, family, interpret)[0]
 
 
 def _fwd(q, kv, indices, scale, v_dim, family, interpret):
