@@ -24,18 +24,19 @@ def inputs(B, T, S, H, Dk, K):
     return q, kv, idx
 
 
-def bench(B, T, S, H, Dk, v_dim, K, impl):
+def bench(B, T, S, H, Dk, v_dim, K, impl, interpret):
     q, kv, idx = inputs(B, T, S, H, Dk, K)
     scale = 256**-0.5
     flops_fwd = 2 * B * T * H * K * (Dk + v_dim)
     bytes_fwd = B * T * K * Dk * 2 + B * T * H * (Dk + v_dim) * 2
 
     def fwd(impl_):
-        return jax.jit(lambda q, kv: sparse_mla(q, kv, idx, scale=scale, v_dim=v_dim, q_block=64, impl=impl_)[0])
+        return jax.jit(lambda q, kv: sparse_mla(q, kv, idx, scale=scale, v_dim=v_dim, q_block=64, impl=impl_,
+                                                      interpret=interpret)[0])
 
     def grad(impl_):
-        f = lambda q, kv: jnp.sum(sparse_mla(q, kv, idx, scale=scale, v_dim=v_dim, q_block=64, impl=impl_)[0]
-                                  .astype(jnp.float32))
+        f = lambda q, kv: jnp.sum(sparse_mla(q, kv, idx, scale=scale, v_dim=v_dim, q_block=64, impl=impl_,
+                                             interpret=interpret)[0].astype(jnp.float32))
         return jax.jit(jax.grad(f, argnums=(0, 1)))
 
     tag = f"B={B} T={T} S={S}"
@@ -49,13 +50,13 @@ def bench(B, T, S, H, Dk, v_dim, K, impl):
 
 
 def main(argv=None):
-    impl = start(argv)
+    impl, interpret = start(argv)
     if on_accelerator():
         for S in (8192, 65536, 131072):
-            bench(1, 512, S, 64, 576, 512, 2048, impl)  # a prefill/training slice of 512 queries
-        bench(8, 1, 1048576 // 8, 64, 576, 512, 2048, impl)  # decode: batch 8, 128K each
+            bench(1, 512, S, 64, 576, 512, 2048, impl, interpret)  # a prefill/training slice of 512 queries
+        bench(8, 1, 1048576 // 8, 64, 576, 512, 2048, impl, interpret)  # decode: batch 8, 128K each
     else:
-        bench(1, 16, 256, 4, 576, 512, 32, impl)
+        bench(1, 16, 256, 4, 576, 512, 32, impl, interpret)
 
 
 if __name__ == "__main__":

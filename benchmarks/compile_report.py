@@ -20,12 +20,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels.dsa_indexer.topk import exact_topk  # noqa: E402
-from pallas_kernels.dsa_indexer.tpu import indexer_scores_tpu, kth_largest_key_tpu  # noqa: E402
+from benchmarks.tpu_aot import compile_for_tpu  # noqa: E402
+from pallas_kernels.blocks import tuned_blocks  # noqa: E402
+from pallas_kernels.dsa_indexer import indexer_topk  # noqa: E402
 from pallas_kernels.sparse_mla.tpu import sparse_mla_bwd_tpu, sparse_mla_fwd_tpu  # noqa: E402
-from pallas_kernels.tpu_aot import compile_for_tpu  # noqa: E402
 
 H, DK, V, HI, DI, K = 64, 576, 512, 32, 128, 2048
+Q_BLOCK = 64  # queries per block of the attention programs (ModelOptions.q_block)
 SHAPES = [  # name, batch, queries, context
     ("prefill 8K", 1, 64, 8192),
     ("prefill 128K", 1, 64, 131072),
@@ -36,9 +37,10 @@ sd = jax.ShapeDtypeStruct
 
 
 def indexer_program(B, T, S, int8):
+    """The public indexer_topk with the real Mosaic kernels (impl="pallas_tpu", interpret=False), one query block."""
     def fn(q, k, w, valid, qi, ks):
-        scores = indexer_scores_tpu(q, k, w, valid, qi, scale=DI**-0.5, k_scale=ks if int8 else None)
-        return exact_topk(scores, K, threshold_fn=kth_largest_key_tpu)
+        return indexer_topk(q, k, w, key_valid=valid, query_index=qi, topk=K, scale=DI**-0.5, q_block=T,
+                            impl="pallas_tpu", interpret=False, k_scale=ks if int8 else None)
 
     args = (sd((B, T, HI, DI), jnp.bfloat16), sd((B, S, DI), jnp.int8 if int8 else jnp.bfloat16),
             sd((B, T, HI), jnp.float32), sd((B, S), jnp.bool_), sd((B, T), jnp.int32), sd((B, S), jnp.float32))
@@ -47,12 +49,15 @@ def indexer_program(B, T, S, int8):
 
 def attention_program(B, T, S, backward, width=DK):
     q, kv, idx = sd((B, T, H, DK), jnp.bfloat16), sd((B, S, width), jnp.bfloat16), sd((B, T, K), jnp.int32)
+    kw = dict(scale=256**-0.5, v_dim=V, q_block=Q_BLOCK)
     if not backward:
-        return (lambda q, kv, idx: sparse_mla_fwd_tpu(q, kv, idx, scale=256**-0.5, v_dim=V)), (q, kv, idx)
+        fwd_blocks = tuned_blocks("sparse_mla_fwd", "tpu")
+        return (lambda q, kv, idx: sparse_mla_fwd_tpu(q, kv, idx, blocks=fwd_blocks, **kw)), (q, kv, idx)
     out, lse = sd((B, T, H, V), jnp.bfloat16), sd((B, T, H), jnp.float32)
+    bwd_blocks = tuned_blocks("sparse_mla_bwd", "tpu")
 
     def fn(q, kv, idx, out, lse, d_out):
-        return sparse_mla_bwd_tpu(q, kv, idx, out, lse, d_out, scale=256**-0.5, v_dim=V)
+        return sparse_mla_bwd_tpu(q, kv, idx, out, lse, d_out, blocks=bwd_blocks, **kw)
 
     return fn, (q, kv, idx, out, lse, out)
 

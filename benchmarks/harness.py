@@ -60,10 +60,15 @@ def report(name: str, seconds: float, flops: float, bytes_: float, baseline: flo
     return line
 
 
-def start(argv=None) -> str:
-    """Parses the scripts' common flags (--impl), prints the device, and returns the impl to benchmark."""
+def start(argv=None) -> tuple[str, bool]:
+    """Parses the scripts' common flags (--impl, --interpret), prints the device, and returns (impl, interpret).
+
+    Off an accelerator the scripts are a smoke test of the interpreted kernels, so interpret is forced on
+    there (and printed)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", default="pallas", help="pallas | pallas_tpu | pallas_gpu")
-    impl = ap.parse_args(argv).impl
-    print(f"device: {chip()[0]} ({jax.default_backend()})")
-    return impl
+    ap.add_argument("--interpret", action="store_true", help="run the kernels in Pallas interpret mode")
+    args = ap.parse_args(argv)
+    interpret = args.interpret or not on_accelerator()
+    print(f"device: {chip()[0]} ({jax.default_backend()}), impl={args.impl}, interpret={interpret}")
+    return args.impl, interpret

@@ -10,6 +10,7 @@ real chip. Each case compiles one program with `--xla_jf_dump_static_llo_profile
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ def program(name):
     import jax.numpy as jnp
 
     from benchmarks.compile_report import attention_program
+    from pallas_kernels.blocks import tuned_blocks
     from pallas_kernels.dsa_indexer.reference import indexer_scores_block
     from pallas_kernels.dsa_indexer.topk import exact_topk
     from pallas_kernels.dsa_indexer.tpu import indexer_scores_tpu, kth_largest_key_tpu
@@ -45,13 +47,15 @@ def program(name):
     S, K = 131072, 2048
     bf = jnp.bfloat16
     if name.startswith("topk"):
+        kth = functools.partial(kth_largest_key_tpu, blocks=tuned_blocks("kth_largest_key", "tpu"))
         fn = {"topk_lax": lambda x: jax.lax.top_k(x, K)[1],
               "topk_approx": lambda x: jax.lax.approx_max_k(x, K, recall_target=1.0)[1],
-              "topk_exact": lambda x: exact_topk(x, K, threshold_fn=kth_largest_key_tpu)}[name]
+              "topk_exact": lambda x: exact_topk(x, K, threshold_fn=kth)}[name]
         return fn, (sd((64, S), jnp.float32),)
     if name.startswith("scores"):
         f = indexer_scores_block if name == "scores_xla" else (
-            lambda q, k, w, v, qi, scale: indexer_scores_tpu(q, k, w, v, qi, scale=scale))
+            lambda q, k, w, v, qi, scale: indexer_scores_tpu(q, k, w, v, qi, scale=scale,
+                                                             blocks=tuned_blocks("indexer_scores", "tpu")))
         args = (sd((1, 64, 32, 128), bf), sd((1, S, 128), bf), sd((1, 64, 32), jnp.float32), sd((1, S), jnp.bool_),
                 sd((1, 64), jnp.int32))
         return (lambda q, k, w, v, qi: f(q, k, w, v, qi, 128**-0.5)), args
@@ -68,7 +72,7 @@ def program(name):
 
 
 def child(name: str) -> None:
-    from pallas_kernels.tpu_aot import compile_for_tpu
+    from benchmarks.tpu_aot import compile_for_tpu
 
     fn, args = program(name)
     compile_for_tpu(fn, *args, topology="v5p:2x2x1")

@@ -223,8 +223,11 @@ class GlmMoeDsaConfig:
                   "index_head_dim", "index_n_heads", "moe_intermediate_size", "intermediate_size"):
             if getattr(self, f) <= 0:
                 raise err(f, f"must be positive, got {getattr(self, f)}")
-        if self.num_nextn_predict_layers < 0:
-            raise err("num_nextn_predict_layers", "must be >= 0")
+        if self.num_nextn_predict_layers not in (0, 1):
+            # GLM-5.x ships one MTP layer and drafts several tokens by reusing it; a stack of distinct MTP
+            # layers (DeepSeek-V3's layout) is not in any GLM checkpoint and is not implemented.
+            raise err("num_nextn_predict_layers", f"must be 0 or 1, got {self.num_nextn_predict_layers} (multi-step "
+                      "drafting reuses the one MTP layer)")
         if self.qk_rope_head_dim % 2:
             raise err("qk_rope_head_dim", f"must be even for interleaved rope, got {self.qk_rope_head_dim}")
         if self.index_head_dim < self.qk_rope_head_dim:

@@ -17,20 +17,21 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "context", "expert", "tensor")
 
 # logical axis -> mesh axes (a tuple shards one dim over several mesh axes, in order).
 DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
-    # activations
+    # activations. Outside the MoE the expert axis is one more data-parallel axis; context splits the sequence.
     "batch": ("data", "fsdp", "expert"),
-    "seq": (),
+    "seq": ("context",),
     "act_heads": ("tensor",),
+    "act_index_heads": ("tensor",),
     "act_embed": (),
     "act_vocab": ("tensor",),
-    # parameters
+    # parameters: fully sharded (FSDP) over every axis that does not split them otherwise.
     "layers": (),
     "vocab": ("tensor",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "context", "expert"),
     "heads": ("tensor",),
     "index_heads": ("tensor",),
     "head_dim": (),
@@ -39,10 +40,12 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "kv_lora": (),
     "latent": (),
     "mlp": ("tensor",),
-    "moe_mlp": ("tensor",),
-    "experts": ("expert",),
+    # Routed experts are split whole over expert x tensor (expert parallelism of up to 16-64 devices for
+    # GLM-5.2's 256 experts); the MoE splits its tokens over tensor too, so no psum of [tokens, D] is needed.
+    "moe_mlp": (),
+    "experts": ("expert", "tensor"),
     "norm": (),
-    "mtp_in": ("fsdp",),
+    "mtp_in": ("fsdp", "context", "expert"),
 }
 
 _RULES: contextvars.ContextVar[Mapping[str, tuple[str, ...]]] = contextvars.ContextVar(
@@ -105,22 +108,30 @@ def param_sharding(variable: nnx.Variable, mesh: Mesh, rules=None, what: str = "
     """NamedSharding of one parameter. A stacked (scanned) parameter has more dims than logical names: its
     leading dims are "layers"."""
     shape = tuple(variable.shape)
-    axes = tuple(variable.get_metadata().get("logical_axes", ()))
+    meta = variable.get_metadata()
+    if "logical_axes" not in meta:
+        raise ValueError(f"sharding: {what} has no logical_axes metadata; every parameter must name its axes")
+    axes = tuple(meta["logical_axes"])
     axes = ("layers",) * (len(shape) - len(axes)) + axes
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh=mesh, rules=rules, what=what))
 
 
+# Every model variable is placed by its logical axes: parameters and the non-trainable ones (the router's
+# correction bias) alike; RNG state is not model data.
+MODEL_VARIABLES = nnx.Not(nnx.RngState)
+
+
 def param_shardings(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.State:
-    """A state-shaped tree of NamedShardings for every parameter of `model` (abstract models work too)."""
+    """A state-shaped tree of NamedShardings for every variable of `model` (abstract models work too)."""
     return jax.tree.map_with_path(
         lambda path, v: param_sharding(v, mesh, rules, "/".join(str(p) for p in path)),
-        nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+        nnx.state(model, MODEL_VARIABLES), is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
-    """Places every parameter of `model` on `mesh` according to the logical rules (in place; returns model)."""
+    """Places every variable of `model` on `mesh` according to the logical rules (in place; returns model)."""
     shardings = param_shardings(model, mesh, rules)
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, MODEL_VARIABLES)
     nnx.update(model, jax.device_put(state, shardings))
     return model
 
@@ -132,3 +143,29 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(axes, None, mesh=mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def current_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh set by `jax.set_mesh` (abstract inside jit), or None when the model runs unsharded."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def mesh_axes(name: str, mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that logical axis `name` is split over on `mesh` (empty without a mesh)."""
+    if mesh is None:
+        return ()
+    sizes = dict(mesh.shape)
+    return tuple(a for a in _RULES.get()[name] if sizes.get(a, 1) > 1)
+
+
+def mesh_size(axes: Sequence[str], mesh) -> int:
+    return 1 if mesh is None else math.prod(dict(mesh.shape)[a] for a in axes)
+
+
+def specs_for(arrays, axes, mesh, what: str):
+    """PartitionSpecs for a pytree of arrays (None leaves allowed) given a matching pytree of logical axis
+    tuples; a dim that its mesh axes do not divide is an error naming `what`."""
+    return jax.tree.map(
+        lambda x, a: logical_to_spec(a, x.shape, mesh=mesh, what=what), arrays, axes,
+        is_leaf=lambda a: isinstance(a, tuple) and all(n is None or isinstance(n, str) for n in a))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -27,51 +25,86 @@ def pad_axis(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def map_query_blocks(fn, q_block: int, *arrays: jax.Array):
+def check_q_block(q_block: int) -> None:
+    if isinstance(q_block, bool) or not isinstance(q_block, numbers.Integral) or q_block <= 0:
+        raise ValueError(f"q_block must be a positive int, got {q_block!r}")
+
+
+def to_query_blocks(x: jax.Array, bq: int, value=0) -> jax.Array:
+    """[B, T, ...] -> [nb, B, bq, ...]: axis 1 cut into blocks of bq, the last padded with `value`."""
+    x = pad_axis(x, 1, bq, value)
+    return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // bq, bq, *x.shape[2:]), 1, 0)
+
+
+def from_query_blocks(y: jax.Array, T: int) -> jax.Array:
+    """[nb, B, bq, ...] -> [B, T, ...] (the padding of the last block sliced off)."""
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(y.shape[0], -1, *y.shape[3:])[:, :T]
+
+
+def map_query_blocks(fn, q_block: int, *arrays: jax.Array, pad_values=None):
     """Applies fn to consecutive blocks of axis 1 (the query axis) of each array, one block at a time
-    (lax.map keeps only one block's intermediates live), and concatenates the outputs along axis 1."""
+    (lax.map keeps only one block's intermediates live), and concatenates the outputs along axis 1.
+
+    Blocks are min(q_block, T) long; the last is padded with pad_values (one per array, default 0) and the
+    padded outputs are sliced off."""
+    check_q_block(q_block)
     T = arrays[0].shape[1]
     bq = min(q_block, T)
-    nb = cdiv(T, bq)
-    blocked = [
-        jnp.moveaxis(pad_axis(a, 1, bq).reshape(a.shape[0], nb, bq, *a.shape[2:]), 1, 0) for a in arrays
-    ]
+    pad_values = (0,) * len(arrays) if pad_values is None else pad_values
+    blocked = [to_query_blocks(a, bq, v) for a, v in zip(arrays, pad_values, strict=True)]
     out = jax.lax.map(lambda xs: fn(*xs), tuple(blocked))
-
-    def unblock(y):
-        y = jnp.moveaxis(y, 0, 1)
-        return y.reshape(y.shape[0], nb * bq, *y.shape[3:])[:, :T]
-
-    return jax.tree.map(unblock, out)
+    return jax.tree.map(lambda y: from_query_blocks(y, T), out)
 
 
 PALLAS_IMPLS = ("pallas", "pallas_tpu", "pallas_gpu")
 
 
-def kernel_family(impl: str) -> tuple[str, bool]:
-    """impl -> (kernel family "tpu" | "gpu", interpret?).
+def kernel_family(impl: str, interpret: bool) -> str:
+    """The kernel family ("tpu" | "gpu") a Pallas impl runs; nothing is inferred from the host beyond this.
 
-    "pallas" picks the kernels of the default backend; on CPU (tests) it runs the TPU kernels in interpret
-    mode. "pallas_tpu" / "pallas_gpu" force a family, interpreted when the backend is not that chip."""
-    backend = jax.default_backend()
+    "pallas": the family of `jax.default_backend()`. On a CPU backend there is none, so it needs
+    interpret=True and then means the TPU kernels interpreted. "pallas_tpu" / "pallas_gpu" force a family;
+    with interpret=False they lower the real Mosaic / Triton kernels whatever the host backend is (how a
+    program is compiled ahead of time for a TPU from a CPU host)."""
     if impl == "pallas":
+        backend = jax.default_backend()
         if backend in ("tpu", "gpu"):
-            return backend, False
-        return "tpu", True
+            return backend
+        if interpret:
+            return "tpu"
+        raise ValueError(f"impl='pallas' on the {backend!r} backend: there are no {backend} kernels; set "
+                         "interpret=True to run the TPU kernels in interpret mode on CPU, or force a family with "
+                         "impl='pallas_tpu' / 'pallas_gpu'")
     if impl in ("pallas_tpu", "pallas_gpu"):
-        family = impl.removeprefix("pallas_")
-        return family, backend != family
+        return impl.removeprefix("pallas_")
     raise ValueError(f"unknown kernel impl {impl!r}; expected 'reference' or one of {PALLAS_IMPLS}")
 
 
-@functools.cache
-def _tuned_table() -> dict:
-    return json.loads((Path(__file__).parent / "tuned_blocks.json").read_text())
+def gather_rows(x: jax.Array, indices: jax.Array) -> jax.Array:
+    """x [B, S, ...], indices [B, T, K] -> [B, T, K, ...] rows x[b, indices[b, t, k]]; a negative (empty) index
+    reads row 0, which the caller masks."""
+    S = x.shape[1]
+    return jax.vmap(lambda x_b, i_b: x_b[jnp.clip(i_b, 0, S - 1)])(x, indices)
 
 
-def tuned_blocks(op: str, family: str) -> dict:
-    """Block-size keyword arguments for `op` on the current chip (tuned_blocks.json): the entry for the exact
-    device kind if there is one, else the family's."""
-    table = _tuned_table()[op]
-    kind = jax.devices()[0].device_kind
-    return dict(table.get(kind, table[family]))
+# Inside a shard_map with check_vma, every value's type says which manual mesh axes it varies over. A
+# pallas_call cannot infer that for its outputs, and a loop carry must keep one type from init to body output,
+# so both are stated from the inputs. Outside shard_map no axis varies and these change nothing.
+
+
+def varying_axes(*xs) -> frozenset:
+    """The manual mesh axes any of xs varies over."""
+    return frozenset().union(*(jax.typeof(x).mat.varying for x in xs))
+
+
+def out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
+    """The ShapeDtypeStruct of a pallas_call output computed from `inputs`: it varies where they vary."""
+    mat = jax.sharding.ManualAxisType(varying=varying_axes(*inputs))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
+def match_varying(x: jax.Array, *inputs) -> jax.Array:
+    """x cast to vary over every manual mesh axis the inputs vary over (a loop carry built from constants)."""
+    axes = varying_axes(*inputs) - varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x

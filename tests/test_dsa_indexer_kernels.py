@@ -1,14 +1,30 @@
-"""Indexer kernels: the exact threshold top-k and the TPU scores kernel (interpret mode), plus TPU AOT compiles."""
+"""Indexer kernels: the exact threshold top-k and the TPU scores kernel (interpret mode), the public op's
+dispatch (kernel family, block configs, document masking, tensor-parallel score reduction), TPU AOT compiles."""
+
+import dataclasses
+import functools
+import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.dsa_indexer import indexer_topk
+from pallas_kernels.blocks import BlockConfigError, IndexerScoresTpuBlocks, load_block_table, tuned_blocks
+from pallas_kernels.common import kernel_family
+from pallas_kernels.dsa_indexer import indexer_scores, indexer_topk
 from pallas_kernels.dsa_indexer.reference import indexer_scores_block
 from pallas_kernels.dsa_indexer.topk import exact_topk
 from pallas_kernels.dsa_indexer.tpu import indexer_scores_tpu, kth_largest_key_tpu, quantize_keys_int8
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+TPU_SCORES = tuned_blocks("indexer_scores", "tpu")
+KTH = tuned_blocks("kth_largest_key", "tpu")
 
 
 def topk_sets(idx):
@@ -34,16 +50,14 @@ def test_exact_topk_equals_lax_top_k(seed):
 
 @pytest.mark.parametrize("k", [1, 5, 64, 700])
 def test_tpu_threshold_kernel_matches_xla_search(k):
-    import functools
-
     rng = np.random.default_rng(k)
     x = rng.normal(size=(13, 700)).astype(np.float32)
     x[rng.random(x.shape) < 0.2] = -np.inf
     x[2] = np.round(x[2])  # ties at the threshold
     x[3] = -np.inf
     xla = np.asarray(exact_topk(jnp.asarray(x), k))
-    kernel = np.asarray(exact_topk(jnp.asarray(x), k, threshold_fn=functools.partial(kth_largest_key_tpu,
-                                                                                      interpret=True)))
+    kth = functools.partial(kth_largest_key_tpu, blocks=KTH, interpret=True)
+    kernel = np.asarray(exact_topk(jnp.asarray(x), k, threshold_fn=kth))
     np.testing.assert_array_equal(kernel, xla)
 
 
@@ -60,58 +74,169 @@ def _inputs(rng, B, T, S, H, D, dtype):
     valid = np.ones((B, S), bool)
     valid[0, :9] = False  # left padding
     qi = np.stack([np.arange(S - T, S), np.arange(T) * 3 % S])  # decode-like tail; strided queries
-    return q, k, w, jnp.asarray(valid), jnp.asarray(qi, jnp.int32)
+    # Packed documents: row 0's queries all start late (whole key blocks below every start: skipped), row 1's
+    # start at the last multiple of 7 at or below the query (short documents); one query sees nothing.
+    qs = np.stack([np.maximum(qi[0] - 40, 0) + 130, qi[1] // 7 * 7])
+    qs[1, 1] = qi[1, 1] + 1
+    return q, k, w, jnp.asarray(valid), jnp.asarray(qi, jnp.int32), jnp.asarray(qs, jnp.int32)
 
 
-@pytest.mark.parametrize(
-    "dtype,S,block_k", [(jnp.float32, 300, 128), (jnp.bfloat16, 257, 128), (jnp.float32, 64, 2048)])
-def test_tpu_scores_kernel_matches_reference(dtype, S, block_k):
-    rng = np.random.default_rng(S)
-    B, T, H, D = 2, 20, 4, 16
-    q, k, w, valid, qi = _inputs(rng, B, T, S, H, D, dtype)
-    ref = np.asarray(indexer_scores_block(q, k, w, valid, qi, D**-0.5))
-    got = np.asarray(indexer_scores_tpu(q, k, w, valid, qi, scale=D**-0.5, block_q=8, block_k=block_k,
-                                        interpret=True))
+def _assert_same_scores(got, ref):
+    got, ref = np.asarray(got), np.asarray(ref)
     assert (np.isfinite(ref) == np.isfinite(got)).all()
     np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize(
+    "dtype,S,block_k", [(jnp.float32, 300, 128), (jnp.bfloat16, 257, 128), (jnp.float32, 64, 2048)])
+def test_tpu_scores_kernel_matches_reference(dtype, S, block_k, docs):
+    rng = np.random.default_rng(S)
+    B, T, H, D = 2, 20, 4, 16
+    q, k, w, valid, qi, qs = _inputs(rng, B, T, S, H, D, dtype)
+    qs = qs if docs else None
+    ref = indexer_scores_block(q, k, w, valid, qi, D**-0.5, qs)
+    blocks = IndexerScoresTpuBlocks(block_q=8, block_k=block_k)
+    got = indexer_scores_tpu(q, k, w, valid, qi, scale=D**-0.5, query_start=qs, blocks=blocks, interpret=True)
+    _assert_same_scores(got, ref)
+    if docs:
+        assert not np.isfinite(np.asarray(ref)[1, 1]).any()  # the query with an empty document
+        if S > 256:
+            assert not np.isfinite(np.asarray(ref)[0, :, :128]).any()  # a skipped key block
 
 
 def test_tpu_scores_kernel_int8_keys():
     rng = np.random.default_rng(1)
     B, T, S, H, D = 2, 16, 200, 4, 32
-    q, k, w, valid, qi = _inputs(rng, B, T, S, H, D, jnp.float32)
+    q, k, w, valid, qi, qs = _inputs(rng, B, T, S, H, D, jnp.float32)
     kq, ks = quantize_keys_int8(k)
-    ref = np.asarray(indexer_scores_block(q, kq.astype(jnp.float32) * ks[..., None], w, valid, qi, D**-0.5))
-    got = np.asarray(indexer_scores_tpu(q, kq, w, valid, qi, scale=D**-0.5, k_scale=ks, block_q=8, block_k=128,
-                                        interpret=True))
-    fin = np.isfinite(ref)
-    np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-5, atol=1e-4)
+    ref = np.asarray(indexer_scores_block(q, kq.astype(jnp.float32) * ks[..., None], w, valid, qi, D**-0.5, qs))
+    blocks = IndexerScoresTpuBlocks(block_q=8, block_k=128)
+    got = np.asarray(indexer_scores_tpu(q, kq, w, valid, qi, scale=D**-0.5, query_start=qs, k_scale=ks,
+                                        blocks=blocks, interpret=True))
+    _assert_same_scores(got, ref)
     with pytest.raises(ValueError, match="int8"):
-        indexer_scores_tpu(q, kq.astype(jnp.float32), w, valid, qi, scale=1.0, k_scale=ks, interpret=True)
+        indexer_scores_tpu(q, kq.astype(jnp.float32), w, valid, qi, scale=1.0, k_scale=ks, blocks=TPU_SCORES,
+                           interpret=True)
 
 
-@pytest.mark.parametrize("T,topk,q_block", [(40, 8, 16), (24, 64, 8)])
-def test_pallas_indexer_topk_equals_reference(T, topk, q_block):
-    rng = np.random.default_rng(T)
+def test_public_indexer_scores_dispatch():
+    rng = np.random.default_rng(3)
+    q, k, w, valid, qi, qs = _inputs(rng, 2, 8, 150, 4, 16, jnp.float32)
+    kw = dict(key_valid=valid, query_index=qi, query_start=qs, scale=0.25)
+    ref = indexer_scores(q, k, w, **kw)
+    _assert_same_scores(indexer_scores(q, k, w, impl="pallas_tpu", interpret=True, **kw), ref)
+    _assert_same_scores(indexer_scores(q, k, w, impl="pallas_gpu", interpret=True, **kw), ref)
+
+
+def _topk_case(T, seed, docs):
+    rng = np.random.default_rng(seed)
     B, H, D = 2, 4, 16
     q = jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
     valid = np.ones((B, T), bool)
     valid[1, :5] = False
-    qi = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    kw = dict(key_valid=jnp.asarray(valid), query_index=qi, topk=topk, scale=D**-0.5, q_block=q_block)
+    qi = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+    kw = dict(key_valid=jnp.asarray(valid), query_index=jnp.asarray(qi), scale=D**-0.5)
+    if docs:  # documents of 11 tokens packed in row 0, of 6 in row 1
+        kw["query_start"] = jnp.asarray(np.stack([qi[0] // 11 * 11, qi[1] // 6 * 6]), jnp.int32)
+    return q, k, w, kw
+
+
+@pytest.mark.parametrize("T,topk,q_block,docs", [(40, 8, 16, False), (24, 64, 8, False), (40, 8, 16, True)])
+def test_pallas_indexer_topk_equals_reference(T, topk, q_block, docs):
+    q, k, w, kw = _topk_case(T, T, docs)
+    kw.update(topk=topk, q_block=q_block)
     ref = indexer_topk(q, k, w, impl="reference", **kw)
-    got = indexer_topk(q, k, w, impl="pallas_tpu", **kw)
+    got = indexer_topk(q, k, w, impl="pallas_tpu", interpret=True, **kw)
     assert got.shape == ref.shape
     assert topk_sets(got) == topk_sets(ref)
+    if docs:  # no key outside the query's document
+        starts = np.asarray(kw["query_start"])
+        for b, t in [(0, 11), (0, 39), (1, 6), (1, 23)]:
+            assert min(topk_sets(got)[b][t]) >= starts[b, t]
 
 
-def test_unknown_impl_is_an_error():
-    x = jnp.zeros((1, 4, 2, 8))
+@pytest.mark.parametrize("impl,interpret", [("reference", False), ("pallas_tpu", True)])
+def test_tensor_parallel_indexer_reduces_scores_before_topk(impl, interpret):
+    """Heads split over 2 devices in a shard_map: each device's scores are a partial sum, reduce_scores psums
+    them. Masked entries are -inf on both devices and stay -inf (no NaN); a query whose document holds no
+    visible key gets only empty slots."""
+    q, k, w, kw = _topk_case(24, 5, docs=True)
+    kw = dict(kw, query_start=kw["query_start"].at[0, 3].set(4), topk=8, q_block=8, impl=impl, interpret=interpret)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tensor",))
+    heads = P(None, None, "tensor")
+    want = indexer_topk(q, k, w, **kw)
+    split = lambda q, w: indexer_topk(q, k, w, reduce_scores=lambda s: jax.lax.psum(s, "tensor"), **kw)
+    got = jax.jit(jax.shard_map(split, mesh=mesh, in_specs=(heads, heads), out_specs=P()))(q, w)
+    assert topk_sets(got) == topk_sets(want)
+    assert (np.asarray(got)[0, 3] == -1).all()
+    masks = (kw["key_valid"], kw["query_index"], 0.25, kw["query_start"])
+    summed = lambda q, w: jax.lax.psum(indexer_scores_block(q, k, w, *masks), "tensor")
+    scores = np.asarray(jax.jit(jax.shard_map(summed, mesh=mesh, in_specs=(heads, heads), out_specs=P()))(q, w))
+    assert not np.isnan(scores).any() and np.isneginf(scores[0, 3]).all()
+
+
+def test_kernel_family_is_explicit():
+    assert jax.default_backend() == "cpu"
+    with pytest.raises(ValueError, match="set interpret=True to run the TPU kernels in interpret mode on CPU"):
+        kernel_family("pallas", False)
+    assert kernel_family("pallas", True) == "tpu"
+    # A forced family means real kernels when interpret=False, whatever the host (ahead-of-time compiles).
+    for interpret in (False, True):
+        assert kernel_family("pallas_tpu", interpret) == "tpu"
+        assert kernel_family("pallas_gpu", interpret) == "gpu"
     with pytest.raises(ValueError, match="unknown kernel impl"):
-        indexer_topk(x, x[:, :, 0], x[..., 0], key_valid=jnp.ones((1, 4), bool),
-                     query_index=jnp.zeros((1, 4), jnp.int32), topk=2, scale=1.0, impl="splash")
+        kernel_family("splash", True)
+    x = jnp.zeros((1, 4, 2, 8))
+    args = dict(key_valid=jnp.ones((1, 4), bool), query_index=jnp.zeros((1, 4), jnp.int32), topk=2, scale=1.0,
+                q_block=4)
+    with pytest.raises(ValueError, match="unknown kernel impl"):
+        indexer_topk(x, x[:, :, 0], x[..., 0], impl="splash", **args)
+    with pytest.raises(ValueError, match="set interpret=True"):
+        indexer_topk(x, x[:, :, 0], x[..., 0], impl="pallas", **args)
+
+
+def test_tuned_blocks_are_typed_and_validated(tmp_path):
+    table = load_block_table()
+    assert {op for op, _ in table} == {"indexer_scores", "kth_largest_key", "sparse_mla_fwd", "sparse_mla_bwd"}
+    assert TPU_SCORES == IndexerScoresTpuBlocks(block_q=16, block_k=2048)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TPU_SCORES.block_q = 8
+    raw = json.loads((REPO / "pallas_kernels" / "tuned_blocks.json").read_text())
+
+    def bad(edit, match):
+        doc = json.loads(json.dumps(raw))
+        edit(doc)
+        path = tmp_path / "blocks.json"
+        path.write_text(json.dumps(doc))
+        with pytest.raises(BlockConfigError, match=match):
+            load_block_table(path)
+
+    bad(lambda d: d["indexer_scores"]["tpu"]["default"].update(block_z=4),
+        r"indexer_scores/tpu/default: unknown field\(s\) \['block_z'\]")
+    bad(lambda d: d["sparse_mla_bwd"]["gpu"]["default"].pop("block_h"),
+        r"sparse_mla_bwd/gpu/default: missing field\(s\) \['block_h'\]")
+    bad(lambda d: d["kth_largest_key"]["tpu"].update({"TPU v5p": {"block_rows": 0}}),
+        "kth_largest_key/tpu/TPU v5p: field 'block_rows' must be a positive int, got 0")
+    bad(lambda d: d["sparse_mla_fwd"]["tpu"]["default"].update(k_block=256.0), "field 'k_block' must be a positive")
+    bad(lambda d: d.update(splash={}), "unknown op")
+    bad(lambda d: d.pop("kth_largest_key"), "missing op 'kth_largest_key'")
+    bad(lambda d: d["kth_largest_key"].update(gpu={"default": {"block_rows": 8}}), "unknown kernel family")
+    with pytest.raises(BlockConfigError, match="indexer_scores/tpu: field 'block_k' must be a positive int"):
+        IndexerScoresTpuBlocks(block_q=8, block_k=-1)
+    with pytest.raises(TypeError, match="IndexerScoresTpuBlocks"):
+        indexer_scores_tpu(*_inputs(np.random.default_rng(0), 1, 8, 16, 2, 8, jnp.float32)[:5], scale=1.0,
+                           blocks=KTH, interpret=True)
+
+
+def test_importing_the_kernels_changes_no_environment_variables():
+    code = ("import os; before = dict(os.environ); import pallas_kernels, pallas_kernels.blocks, "
+            "pallas_kernels.dsa_indexer.tpu, pallas_kernels.dsa_indexer.gpu, pallas_kernels.sparse_mla.tpu, "
+            "pallas_kernels.sparse_mla.gpu; assert dict(os.environ) == before, "
+            "set(os.environ.items()) ^ set(before.items())")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
 
 
 # ---- ahead-of-time compilation for TPU at GLM-5.2 shapes (32 indexer heads x 128, top-k 2048)
@@ -130,10 +255,12 @@ AOT_CASES = [
 @pytest.mark.parametrize("name,B,T,S", AOT_CASES)
 def test_indexer_compiles_for_tpu(topology, name, B, T, S, int8_keys):
     from benchmarks.compile_report import indexer_program
-    from pallas_kernels.tpu_aot import compile_for_tpu
+    from benchmarks.tpu_aot import compile_for_tpu
 
-    fn, args = indexer_program(B, T, S, int8_keys)
+    fn, args = indexer_program(B, T, S, int8_keys)  # the public op, impl="pallas_tpu", interpret=False
     compiled = compile_for_tpu(fn, *args, topology=topology)
+    # The real Mosaic kernels (scores + threshold search), although this host's backend is CPU.
+    assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 2
     mem = compiled.memory_analysis()
     print(f"indexer {topology} {name} int8={int8_keys}: temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, "
           f"args {mem.argument_size_in_bytes / 2**20:.1f} MiB")

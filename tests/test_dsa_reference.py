@@ -1,24 +1,29 @@
-"""The chunked DSA references against dense, whole-sequence computations (small shapes)."""
+"""The chunked DSA references and the indexer-loss terms against dense, whole-sequence computations (small
+shapes)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.dsa_indexer import indexer_topk
-from pallas_kernels.sparse_mla import sparse_mla
+from pallas_kernels.dsa_indexer import indexer_scores_at, indexer_topk
+from pallas_kernels.sparse_mla import attention_probs_at, sparse_mla
 
 
-def dense_scores(q, k, w, key_valid, scale):
+def dense_scores(q, k, w, key_valid, scale, query_start=None):
     s = np.einsum("bthd,bsd->bths", q, k) * scale
     s = np.einsum("bths,bth->bts", np.maximum(s, 0), w)
     T, S = s.shape[1:]
-    allowed = key_valid[:, None, :] & (np.arange(S)[None, None, :] <= np.arange(T)[None, :, None])
+    s_idx = np.arange(S)[None, None, :]
+    allowed = key_valid[:, None, :] & (s_idx <= np.arange(T)[None, :, None])
+    if query_start is not None:
+        allowed &= s_idx >= query_start[:, :, None]
     return np.where(allowed, s, -np.inf)
 
 
-@pytest.mark.parametrize("T,topk,q_block", [(37, 8, 8), (20, 64, 7), (64, 16, 64)])
-def test_indexer_topk_equals_dense_topk(T, topk, q_block):
+@pytest.mark.parametrize("T,topk,q_block,docs", [(37, 8, 8, False), (20, 64, 7, False), (64, 16, 64, False),
+                                                 (37, 8, 8, True), (20, 64, 7, True)])
+def test_indexer_topk_equals_dense_topk(T, topk, q_block, docs):
     B, H, D = 2, 4, 16
     rng = np.random.default_rng(T)
     q, k = rng.normal(size=(B, T, H, D)).astype(np.float32), rng.normal(size=(B, T, D)).astype(np.float32)
@@ -26,11 +31,13 @@ def test_indexer_topk_equals_dense_topk(T, topk, q_block):
     key_valid = np.ones((B, T), bool)
     key_valid[0, :5] = False  # left padding
     qi = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-    idx = np.asarray(indexer_topk(q, k, w, key_valid=key_valid, query_index=qi, topk=topk, scale=D**-0.5,
-                                  q_block=q_block))
+    # Packed documents: row 0 holds documents of 9 tokens (the first starts inside the padding), row 1 of 4.
+    qs = np.stack([qi[0] // 9 * 9, qi[1] // 4 * 4]).astype(np.int32) if docs else None
+    idx = np.asarray(indexer_topk(q, k, w, key_valid=key_valid, query_index=qi, query_start=qs, topk=topk,
+                                  scale=D**-0.5, q_block=q_block))
     K = min(topk, T)
     assert idx.shape == (B, T, K)
-    scores = dense_scores(q, k, w, key_valid, D**-0.5)
+    scores = dense_scores(q, k, w, key_valid, D**-0.5, qs)
     for b in range(B):
         for t in range(T):
             finite = np.isfinite(scores[b, t])
@@ -91,3 +98,80 @@ def test_sparse_mla_equals_dense_masked_attention_forward_and_backward():
     for a, b in zip(g_ours, g_ref, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
         assert np.all(np.isfinite(np.asarray(a)))
+
+
+# ---- indexer-loss terms
+
+
+def _selection(rng, B, T, S, K):
+    """Distinct causal indices per query, with empty slots (short contexts, scattered, one query with none)."""
+    idx = np.full((B, T, K), -1, np.int32)
+    for b in range(B):
+        for t in range(T):
+            n = min(K, t + 1)
+            idx[b, t, :n] = rng.choice(t + 1, size=n, replace=False)
+    idx[rng.random(idx.shape) < 0.2] = -1
+    idx[0, 2] = -1
+    return idx
+
+
+def test_indexer_scores_at_equals_dense_scores_and_gradients():
+    B, T, H, D, K = 2, 19, 4, 16, 6
+    rng = np.random.default_rng(7)
+    q, k = rng.normal(size=(B, T, H, D)).astype(np.float32), rng.normal(size=(B, T, D)).astype(np.float32)
+    w = rng.normal(size=(B, T, H)).astype(np.float32)
+    idx = _selection(rng, B, T, T, K)
+    scale = D**-0.5
+
+    def dense(q, k, w):  # every key scored, then the selected ones read out
+        s = jnp.einsum("bths,bth->bts", jax.nn.relu(jnp.einsum("bthd,bsd->bths", q, k) * scale), w)
+        return jnp.where(idx >= 0, jnp.take_along_axis(s, jnp.maximum(jnp.asarray(idx), 0), axis=-1), -jnp.inf)
+
+    got = indexer_scores_at(q, k, w, jnp.asarray(idx), scale=scale, q_block=4)
+    want = dense(q, k, w)
+    assert got.shape == (B, T, K) and got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.isneginf(got), idx < 0)
+    np.testing.assert_allclose(np.asarray(got)[idx >= 0], np.asarray(want)[idx >= 0], rtol=1e-5, atol=1e-5)
+    # A loss over the selected slots only (the -inf ones masked), as the indexer loss uses them.
+    ct = rng.normal(size=(B, T, K)).astype(np.float32)
+    loss = lambda f: lambda *a: jnp.sum(jnp.where(idx >= 0, f(*a), 0.0) * ct)
+    g_got = jax.grad(loss(lambda *a: indexer_scores_at(*a, jnp.asarray(idx), scale=scale, q_block=4)),
+                     argnums=(0, 1, 2))(q, k, w)
+    g_want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, w)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Head-split partial sums add up to the whole (what a psum over the tensor axis computes).
+    halves = [indexer_scores_at(q[:, :, s], k, w[:, :, s], jnp.asarray(idx), scale=scale, q_block=8)
+              for s in (slice(0, 2), slice(2, 4))]
+    np.testing.assert_allclose(np.asarray(halves[0] + halves[1])[idx >= 0], np.asarray(got)[idx >= 0], atol=1e-5)
+    assert np.isneginf(np.asarray(halves[0] + halves[1])[idx < 0]).all()
+
+
+def test_attention_probs_at_equals_dense_softmax():
+    B, T, H, Dk, v_dim, K = 2, 13, 3, 40, 32, 5
+    rng = np.random.default_rng(8)
+    q = jnp.asarray(rng.normal(size=(B, T, H, Dk)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(B, T, Dk)), jnp.float32)
+    idx = _selection(rng, B, T, T, K)
+    scale = Dk**-0.5
+    _, lse = sparse_mla(q, kv, jnp.asarray(idx), scale=scale, v_dim=v_dim, q_block=4)
+    got = attention_probs_at(q, kv, jnp.asarray(idx), lse, scale=scale, q_block=3)
+    # Dense: softmax over every key restricted to the selected ones, summed over heads, read at the slots.
+    sel = np.zeros((B, T, T), bool)
+    for b in range(B):
+        for t in range(T):
+            sel[b, t, idx[b, t][idx[b, t] >= 0]] = True
+    logits = jnp.where(sel[:, :, None, :], jnp.einsum("bthd,bsd->bths", q, kv) * scale, -jnp.inf)
+    p = jnp.nan_to_num(jax.nn.softmax(logits, axis=-1)).sum(axis=2)  # [B,T,S]; NaN rows are queries with none
+    want = np.where(idx >= 0, np.take_along_axis(np.asarray(p), np.maximum(idx, 0), axis=-1), 0.0)
+    assert got.shape == (B, T, K) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got).sum(-1)[idx.max(-1) >= 0], H, rtol=1e-5)  # each head sums to 1
+    assert np.all(np.asarray(got)[0, 2] == 0)  # the query with no row
+    # No gradient flows through it; a lane-padded (wider) cache gives the same result.
+    g = jax.grad(lambda q: jnp.sum(attention_probs_at(q, kv, jnp.asarray(idx), lse, scale=scale, q_block=3)))(q)
+    assert not np.asarray(g).any()
+    wide = jnp.concatenate([kv, jnp.ones((B, T, 24), jnp.float32)], axis=-1)
+    np.testing.assert_allclose(attention_probs_at(q, wide, jnp.asarray(idx), lse, scale=scale, q_block=3), got,
+                               rtol=1e-6)

@@ -1,6 +1,7 @@
 """GPU (Pallas Triton) DSA kernels: interpret-mode numerics against the pure-JAX references on CPU, and
 lowering for an abstract H200 at the real GLM-5.2 shapes (lowering only: no GPU here, nothing compiles)."""
 
+import dataclasses
 import re
 
 import jax
@@ -9,10 +10,19 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
+from pallas_kernels.blocks import tuned_blocks
 from pallas_kernels.dsa_indexer.gpu import indexer_scores_gpu, quantize_keys_fp8
 from pallas_kernels.dsa_indexer.reference import indexer_scores_block
 from pallas_kernels.sparse_mla.gpu import sparse_mla_bwd_gpu, sparse_mla_fwd_gpu
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
+
+SCORES = tuned_blocks("indexer_scores", "gpu")
+FWD = tuned_blocks("sparse_mla_fwd", "gpu")
+BWD = tuned_blocks("sparse_mla_bwd", "gpu")
+
+
+def _scores_blocks(block_k, block_rows=SCORES.block_rows):
+    return dataclasses.replace(SCORES, block_k=block_k, block_rows=block_rows)
 
 # jax 0.12 deprecates the Pallas Triton backend (in favour of Mosaic GPU); it still lowers and is what we test.
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -46,15 +56,16 @@ def _indexer_inputs(B, T, H, D, S, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("block_q", [None, 2])
-def test_indexer_scores_match_reference(dtype, block_q):
+@pytest.mark.parametrize("block_rows", [128, 8])
+def test_indexer_scores_match_reference(dtype, block_rows):
     """Ragged S (70, not a multiple of 32), left padding in batch row 1, query positions spread over the
-    context (the causal skip drops whole key blocks for the early ones), several query blocks (block_q=2)."""
+    context (the causal skip drops whole key blocks for the early ones), several query blocks (block_rows=8:
+    4 queries per program, the 16-row minimum)."""
     B, T, H, D, S = 2, 5, 4, 32, 70
     q, k, w = _indexer_inputs(B, T, H, D, S, dtype)
     key_valid = jnp.ones((B, S), bool).at[1, :9].set(False)
     query_index = jnp.array([[0, 3, 20, 40, 69], [9, 31, 32, 64, 65]], jnp.int32)
-    out = indexer_scores_gpu(q, k, w, key_valid, query_index, scale=D**-0.5, block_k=32, block_q=block_q,
+    out = indexer_scores_gpu(q, k, w, key_valid, query_index, scale=D**-0.5, blocks=_scores_blocks(32, block_rows),
                              interpret=True)
     ref = indexer_scores_block(q, k, w, key_valid, query_index, D**-0.5)
     tol = 1e-5 if dtype == jnp.float32 else 1e-4  # bf16 products are exact in f32: only summation order differs
@@ -63,13 +74,31 @@ def test_indexer_scores_match_reference(dtype, block_q):
     assert np.isfinite(np.asarray(out)[0, 0]).sum() == 1 and np.isfinite(np.asarray(out)[1, 0]).sum() == 1
 
 
+def test_indexer_scores_document_masking():
+    """Packed documents (query_start): keys before a query's document are masked; in row 0 every query's
+    document starts at or after key 32, so the first 32-key tile is skipped outright; one query sees nothing."""
+    B, T, H, D, S = 2, 6, 4, 32, 100
+    q, k, w = _indexer_inputs(B, T, H, D, S, jnp.float32, seed=4)
+    key_valid = jnp.ones((B, S), bool).at[1, :3].set(False)
+    query_index = jnp.array([[40, 41, 60, 70, 90, 99], [2, 10, 20, 30, 50, 99]], jnp.int32)
+    query_start = jnp.array([[32, 41, 41, 65, 65, 95], [0, 0, 11, 11, 51, 60]], jnp.int32)
+    out = indexer_scores_gpu(q, k, w, key_valid, query_index, scale=D**-0.5, query_start=query_start,
+                             blocks=_scores_blocks(32, 8), interpret=True)
+    ref = indexer_scores_block(q, k, w, key_valid, query_index, D**-0.5, query_start)
+    _assert_scores_close(out, ref, atol=1e-5, rtol=1e-5)
+    out = np.asarray(out)
+    assert np.isneginf(out[0, :, :32]).all() and np.isfinite(out[0, 1]).sum() == 1  # only key 41
+    assert np.isneginf(out[1, 4]).all() and np.isfinite(out[1, 0]).sum() == 0  # empty: 51 > 50; padding
+
+
 def test_indexer_scores_decode_query_at_end_of_long_context():
     """One decode query per sequence at the end of a (longer) context, with H padded 3 -> 4 and D 48 -> 64."""
     B, T, H, D, S = 2, 1, 3, 48, 300
     q, k, w = _indexer_inputs(B, T, H, D, S, jnp.bfloat16, seed=1)
     key_valid = jnp.ones((B, S), bool).at[0, :17].set(False)
     query_index = jnp.array([[S - 1], [250]], jnp.int32)
-    out = indexer_scores_gpu(q, k, w, key_valid, query_index, scale=D**-0.5, block_k=64, interpret=True)
+    out = indexer_scores_gpu(q, k, w, key_valid, query_index, scale=D**-0.5, blocks=_scores_blocks(64),
+                             interpret=True)
     ref = indexer_scores_block(q, k, w, key_valid, query_index, D**-0.5)
     _assert_scores_close(out, ref, atol=1e-4, rtol=1e-4)
     assert np.isfinite(np.asarray(out)[1, 0]).sum() == 251
@@ -85,8 +114,8 @@ def test_indexer_scores_fp8_keys_match_dequantized_reference(q_dtype):
     assert k_fp8.dtype == jnp.float8_e4m3fn and k_scale.shape == (B, S) and k_scale.dtype == jnp.float32
     key_valid = jnp.ones((B, S), bool)
     query_index = jnp.array([[10, 20, 33, 49]], jnp.int32)
-    out = indexer_scores_gpu(q, k_fp8, w, key_valid, query_index, scale=D**-0.5, k_scale=k_scale, block_k=16,
-                             interpret=True)
+    out = indexer_scores_gpu(q, k_fp8, w, key_valid, query_index, scale=D**-0.5, k_scale=k_scale,
+                             blocks=_scores_blocks(16), interpret=True)
     k_deq = k_fp8.astype(jnp.float32) * k_scale[..., None]
     ref = indexer_scores_block(q, k_deq, w, key_valid, query_index, D**-0.5)
     _assert_scores_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -107,9 +136,11 @@ def test_indexer_scores_rejects_bad_inputs():
     q, k, w = _indexer_inputs(1, 2, 4, 32, 16, jnp.bfloat16)
     kv, qi = jnp.ones((1, 16), bool), jnp.zeros((1, 2), jnp.int32)
     with pytest.raises(ValueError, match="k_scale"):
-        indexer_scores_gpu(q, k.astype(jnp.float8_e4m3fn), w, kv, qi, scale=1.0, interpret=True)
+        indexer_scores_gpu(q, k.astype(jnp.float8_e4m3fn), w, kv, qi, scale=1.0, blocks=SCORES, interpret=True)
     with pytest.raises(ValueError, match="does not match"):
-        indexer_scores_gpu(q, k[..., :16], w, kv, qi, scale=1.0, interpret=True)
+        indexer_scores_gpu(q, k[..., :16], w, kv, qi, scale=1.0, blocks=SCORES, interpret=True)
+    with pytest.raises(ValueError, match="query_start"):
+        indexer_scores_gpu(q, k, w, kv, qi, query_start=qi[:, :1], scale=1.0, blocks=SCORES, interpret=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,10 +160,12 @@ def _mla_inputs(B, T, H, Dk, S, K, dtype, seed=0):
     return q, kv, jnp.asarray(idx), kd
 
 
-def _check_fwd(q, kv, idx, v_dim, tol, **kw):
+def _check_fwd(q, kv, idx, v_dim, tol, block_k, q_block=8, **kw):
     scale = q.shape[-1] ** -0.5
-    out, lse = sparse_mla_fwd_gpu(q, kv, idx, scale=scale, v_dim=v_dim, interpret=True, **kw)
-    ref_out, ref_lse = sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim)
+    blocks = dataclasses.replace(FWD, block_k=block_k)
+    out, lse = sparse_mla_fwd_gpu(q, kv, idx, scale=scale, v_dim=v_dim, q_block=q_block, blocks=blocks,
+                                  interpret=True, **kw)
+    ref_out, ref_lse = sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim, q_block=8)
     assert out.dtype == q.dtype and out.shape == ref_out.shape and lse.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=tol, rtol=tol)
     lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
@@ -143,11 +176,12 @@ def _check_fwd(q, kv, idx, v_dim, tol, **kw):
     return out, lse
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, None])
-def test_sparse_mla_fwd_matches_reference(num_splits):
-    """Dk = 64 + 32, ragged K = 20 over blocks of 16, empty slots, a query with no valid row; split-K too."""
+@pytest.mark.parametrize("num_splits,q_block", [(1, 8), (2, 8), (None, 8), (2, 2)])
+def test_sparse_mla_fwd_matches_reference(num_splits, q_block):
+    """Dk = 64 + 32, ragged K = 20 over blocks of 16, empty slots, a query with no valid row; split-K too;
+    q_block = 2: two query blocks (the last one padded)."""
     q, kv, idx, _ = _mla_inputs(2, 3, 4, 96, 50, 20, jnp.float32)
-    _check_fwd(q, kv, idx, 64, 1e-5, block_k=16, num_splits=num_splits)
+    _check_fwd(q, kv, idx, 64, 1e-5, block_k=16, q_block=q_block, num_splits=num_splits)
 
 
 def test_sparse_mla_fwd_glm_row_layout_bf16():
@@ -156,17 +190,20 @@ def test_sparse_mla_fwd_glm_row_layout_bf16():
     _check_fwd(q, kv, idx, 512, 2e-2, block_k=16, num_splits=2)
 
 
-def _check_bwd(q, kv, idx, kd, v_dim, tol, **kw):
+def _check_bwd(q, kv, idx, kd, v_dim, tol, block_k, block_h=BWD.block_h, q_block=8):
     scale = q.shape[-1] ** -0.5
-    out, lse = sparse_mla_fwd_gpu(q, kv, idx, scale=scale, v_dim=v_dim, block_k=16, interpret=True)
+    out, lse = sparse_mla_fwd_gpu(q, kv, idx, scale=scale, v_dim=v_dim, q_block=8,
+                                  blocks=dataclasses.replace(FWD, block_k=16), interpret=True)
     d_out = jax.random.normal(kd, out.shape, jnp.float32).astype(q.dtype)
 
     def loss(q, kv):
-        o, _ = sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim)
+        o, _ = sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim, q_block=8)
         return jnp.sum(o.astype(jnp.float32) * d_out.astype(jnp.float32))
 
     ref_dq, ref_dkv = jax.grad(loss, argnums=(0, 1))(q, kv)
-    dq, dkv = sparse_mla_bwd_gpu(q, kv, idx, out, lse, d_out, scale=scale, v_dim=v_dim, interpret=True, **kw)
+    blocks = dataclasses.replace(BWD, block_k=block_k, block_h=block_h)
+    dq, dkv = sparse_mla_bwd_gpu(q, kv, idx, out, lse, d_out, scale=scale, v_dim=v_dim, q_block=q_block,
+                                 blocks=blocks, interpret=True)
     assert dq.dtype == q.dtype and dkv.dtype == kv.dtype and dq.shape == q.shape and dkv.shape == kv.shape
     f32 = lambda x: np.asarray(x, np.float32)
     assert np.all(f32(dq)[0, 1] == 0)  # no valid row, no gradient
@@ -176,12 +213,12 @@ def _check_bwd(q, kv, idx, kd, v_dim, tol, **kw):
     np.testing.assert_allclose(f32(dkv), f32(ref_dkv), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("block_h", [16, 32])
-def test_sparse_mla_bwd_matches_grad_of_reference(block_h):
+@pytest.mark.parametrize("block_h,q_block", [(16, 8), (32, 8), (32, 2)])
+def test_sparse_mla_bwd_matches_grad_of_reference(block_h, q_block):
     """dq / dkv against jax.grad through the reference; H = 20 pads to 32, so block_h=16 makes 2 head blocks
-    whose row gradients meet in the same dkv rows."""
+    whose row gradients meet in the same dkv rows; q_block = 2: the dkv accumulator is carried over 2 blocks."""
     q, kv, idx, kd = _mla_inputs(2, 3, 20, 96, 50, 20, jnp.float32, seed=2)
-    _check_bwd(q, kv, idx, kd, 64, 1e-4, block_k=16, block_h=block_h)
+    _check_bwd(q, kv, idx, kd, 64, 1e-4, block_k=16, block_h=block_h, q_block=q_block)
 
 
 def test_sparse_mla_bwd_glm_row_layout_bf16():
@@ -191,10 +228,11 @@ def test_sparse_mla_bwd_glm_row_layout_bf16():
 
 def test_sparse_mla_rejects_row_split_that_is_not_powers_of_two():
     q, kv, idx, _ = _mla_inputs(1, 2, 4, 96, 20, 8, jnp.float32)
+    kw = dict(scale=1.0, q_block=8, blocks=FWD, interpret=True)
     with pytest.raises(ValueError, match="powers of two"):
-        sparse_mla_fwd_gpu(q, kv, idx, scale=1.0, v_dim=48, interpret=True)
+        sparse_mla_fwd_gpu(q, kv, idx, v_dim=48, **kw)
     with pytest.raises(ValueError, match="dtype"):
-        sparse_mla_fwd_gpu(q.astype(jnp.bfloat16), kv, idx, scale=1.0, v_dim=64, interpret=True)
+        sparse_mla_fwd_gpu(q.astype(jnp.bfloat16), kv, idx, v_dim=64, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,13 +258,14 @@ def _grids(text):
 def test_indexer_scores_lowers_for_h200(k_dtype, B, T):
     sds = jax.ShapeDtypeStruct
     args = [sds((B, T, 32, 128), jnp.bfloat16), sds((B, S_REAL, 128), k_dtype), sds((B, T, 32), jnp.float32),
-            sds((B, S_REAL), jnp.bool_), sds((B, T), jnp.int32)]
+            sds((B, S_REAL), jnp.bool_), sds((B, T), jnp.int32), sds((B, T), jnp.int32)]
     fp8 = k_dtype == jnp.float8_e4m3fn
     if fp8:
         args.append(sds((B, S_REAL), jnp.float32))
 
-    def f(q, k, w, key_valid, query_index, k_scale=None):
-        return indexer_scores_gpu(q, k, w, key_valid, query_index, scale=128**-0.5, k_scale=k_scale)
+    def f(q, k, w, key_valid, query_index, query_start, k_scale=None):
+        return indexer_scores_gpu(q, k, w, key_valid, query_index, scale=128**-0.5, query_start=query_start,
+                                  k_scale=k_scale, blocks=SCORES)
 
     text = _lower_h200(f, *args)
     assert text.count(TRITON_CALL) == 1 and "dsa_indexer_scores" in text
@@ -242,8 +281,9 @@ def test_sparse_mla_fwd_bwd_lower_for_h200(B, T):
     scale = 256**-0.5
 
     def f(q, kv, idx):
-        out, lse = sparse_mla_fwd_gpu(q, kv, idx, scale=scale, v_dim=512)
-        dq, dkv = sparse_mla_bwd_gpu(q, kv, idx, out, lse, out, scale=scale, v_dim=512)
+        kw = dict(scale=scale, v_dim=512, q_block=64)
+        out, lse = sparse_mla_fwd_gpu(q, kv, idx, blocks=FWD, **kw)
+        dq, dkv = sparse_mla_bwd_gpu(q, kv, idx, out, lse, out, blocks=BWD, **kw)
         return out, lse, dq, dkv
 
     text = _lower_h200(f, *args)

@@ -10,6 +10,7 @@ from flax import nnx
 import glmjax
 from glmjax.model.decoder import plan_segments
 from glmjax.model.moe import MoE
+from glmjax.weights.mapping import CHECKPOINT_VARS
 from tests.conftest import REPO
 
 
@@ -37,7 +38,7 @@ def abstract_model(cfg, dtype=jnp.bfloat16):
 def test_glm52_parameter_count_on_shapes():
     cfg = glm52()
     model = abstract_model(cfg)
-    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    params = nnx.to_flat_state(nnx.state(model, CHECKPOINT_VARS))  # the router bias counts, as in transformers
     total = sum(int(np.prod(v.shape)) for _, v in params)
     indexers = [(p, v) for p, v in params if "indexer" in p and p[-2] == "wq_b"]
     n_indexer_layers = sum(int(np.prod(v.shape[:-3])) for _, v in indexers)  # stacked dims count layers
@@ -126,5 +127,5 @@ def test_moe_matches_per_token_reference():
     moe = MoE(cfg, glmjax.ModelOptions(), rngs=nnx.Rngs(3))
     moe.gate.e_score_correction_bias[...] = 0.3 * jax.random.normal(jax.random.key(4), (16,))
     x = jax.random.normal(jax.random.key(5), (2, 24, cfg.hidden_size))
-    np.testing.assert_allclose(np.asarray(moe(x)).reshape(-1, cfg.hidden_size), naive_moe(cfg, moe, x),
+    np.testing.assert_allclose(np.asarray(moe(x)[0]).reshape(-1, cfg.hidden_size), naive_moe(cfg, moe, x),
                                atol=2e-5, rtol=1e-4)

@@ -11,7 +11,8 @@ from tests.conftest import GOLDEN
 
 
 def load(name, impl):
-    return glmjax.load_pretrained(GOLDEN / name, options=glmjax.ModelOptions(q_block=16, attention_impl=impl))
+    return glmjax.load_pretrained(GOLDEN / name, options=glmjax.ModelOptions(q_block=16, attention_impl=impl,
+                                                                           interpret=impl != "reference"))
 
 
 def inputs(name):

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec
 import glmjax
 from glmjax.sharding import (
     DEFAULT_RULES,
+    MODEL_VARIABLES,
     constrain,
     logical_rules,
     logical_to_spec,
@@ -59,7 +60,7 @@ def test_sharded_equals_unsharded(mesh_shape, golden):
 def test_every_parameter_has_logical_axes():
     cfg = glmjax.load_config(GOLDEN / "indexshare_freq")
     model = nnx.eval_shape(lambda: glmjax.GlmMoeDsa(cfg, rngs=nnx.Rngs(0)))
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(model, MODEL_VARIABLES)):
         axes = var.get_metadata().get("logical_axes")
         assert axes, path
         assert all(a in DEFAULT_RULES for a in axes), (path, axes)
@@ -71,7 +72,12 @@ def test_every_parameter_has_logical_axes():
 def test_logical_to_spec_rules():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert logical_to_spec(("batch", "seq", "act_embed"), mesh=mesh) == PartitionSpec(("data", "fsdp"), None, None)
-    assert logical_to_spec(("experts", "embed", "moe_mlp"), mesh=mesh) == PartitionSpec(None, "fsdp", "tensor")
+    assert logical_to_spec(("experts", "embed", "moe_mlp"), mesh=mesh) == PartitionSpec("tensor", "fsdp", None)
+    mesh5 = make_mesh({"fsdp": 2, "context": 2, "expert": 2})
+    assert logical_to_spec(("batch", "seq", "act_embed"), mesh=mesh5) == PartitionSpec(("fsdp", "expert"), "context",
+                                                                                        None)
+    assert logical_to_spec(("experts", "embed", "moe_mlp"), mesh=mesh5) == PartitionSpec("expert", ("fsdp", "context"),
+                                                                                         None)
     with pytest.raises(ValueError, match="not divisible"):
         logical_to_spec(("embed",), (3,), mesh=mesh, what="w")
     with pytest.raises(KeyError, match="bogus"):
@@ -84,3 +90,9 @@ def test_logical_to_spec_rules():
     with logical_rules({**DEFAULT_RULES, "batch": ("data",)}):
         assert logical_to_spec(("batch",), mesh=mesh) == PartitionSpec("data")
     assert logical_to_spec(("batch",), mesh=mesh) == PartitionSpec(("data", "fsdp"))
+
+
+def test_a_variable_without_logical_axes_is_an_error():
+    mesh = make_mesh({"fsdp": 8})
+    with pytest.raises(ValueError, match="no logical_axes"):
+        glmjax.sharding.param_sharding(nnx.Param(jnp.ones((8, 4))), mesh, what="stray")

@@ -14,8 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.blocks import SparseMlaBwdTpuBlocks, SparseMlaFwdTpuBlocks, tuned_blocks
+from pallas_kernels.sparse_mla import sparse_mla
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
-from pallas_kernels.sparse_mla.tpu import sparse_mla_bwd_tpu, sparse_mla_fwd_tpu
+from pallas_kernels.sparse_mla.tpu import _plan, sparse_mla_bwd_tpu, sparse_mla_fwd_tpu
+
+FWD = tuned_blocks("sparse_mla_fwd", "tpu")
+BWD = tuned_blocks("sparse_mla_bwd", "tpu")
 
 # ------------------------------------------------------------------------------------------ numerics
 
@@ -39,8 +44,8 @@ def _inputs(key, B, T, H, Dk, S, K, dtype, kv_width=None):
 
 
 def _ref_grads(q, kv, idx, d_out, scale, v_dim):
-    f = lambda q, kv: jnp.sum(sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim)[0].astype(jnp.float32)
-                              * d_out.astype(jnp.float32))
+    f = lambda q, kv: jnp.sum(sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim, q_block=8)[0]
+                              .astype(jnp.float32) * d_out.astype(jnp.float32))
     return jax.grad(f, argnums=(0, 1))(q, kv)
 
 
@@ -57,25 +62,31 @@ def test_forward_and_backward_match_reference(dtype, Dk, v_dim, q_block, k_block
     _check_against_reference(dtype, Dk, v_dim, q_block, k_block, atol)
 
 
-def test_several_token_steps_per_call(monkeypatch):
-    """3 tokens per grid step (so B * bq = 2 * 8 grows to 18, 6 token steps) and 3 k steps, forward and back."""
-    import pallas_kernels.sparse_mla.tpu as tpu
+def test_plan_keeps_q_block_and_divides_the_tokens():
+    # bq is q_block (or T); tq (tokens per grid step) divides the B * bq tokens of a block.
+    assert _plan(2, 13, 24, 9, 8, 24) == (9, 18, 8, 24, 3)  # 18 tokens, at most 24 // 8 = 3 per step
+    assert _plan(3, 13, 24, 5, 8, 64) == (5, 15, 8, 24, 5)  # 15 tokens: 8 per step would not divide, 5 does
+    assert _plan(1, 4, 2048, 128, 512, 4096) == (4, 4, 512, 2048, 4)
+    with pytest.raises(ValueError, match="q_block"):
+        _plan(1, 4, 16, 0, 8, 64)
 
-    monkeypatch.setattr(tpu, "FWD_ROWS_PER_STEP", 24)
-    monkeypatch.setattr(tpu, "BWD_ROWS_PER_STEP", 24)
-    assert tpu._plan(2, 13, 24, 8, 8, 24) == (9, 18, 8, 24, 3)
-    _check_against_reference(jnp.float32, 192, 128, 8, 8, 2e-5)
+
+def test_several_token_steps_per_call():
+    """3 tokens per grid step (B * bq = 2 * 9 tokens per call: 6 token steps) and 3 k steps, forward and back."""
+    _check_against_reference(jnp.float32, 192, 128, 9, 8, 2e-5, rows_per_step=24)
 
 
-def _check_against_reference(dtype, Dk, v_dim, q_block, k_block, atol):
+def _check_against_reference(dtype, Dk, v_dim, q_block, k_block, atol, rows_per_step=4096):
     B, T, H, S, K = 2, 13, 4, 40, 24
     q, kv, idx, d_out = _inputs(jax.random.key(0), B, T, H, Dk, S, K, dtype)
     d_out = d_out[..., :v_dim]
     scale = Dk**-0.5
-    kw = dict(scale=scale, v_dim=v_dim, q_block=q_block, k_block=k_block, interpret=True)
+    kw = dict(scale=scale, v_dim=v_dim, q_block=q_block, interpret=True)
+    fwd_blocks = SparseMlaFwdTpuBlocks(k_block=k_block, rows_per_step=rows_per_step)
+    bwd_blocks = SparseMlaBwdTpuBlocks(k_block=k_block, rows_per_step=rows_per_step)
 
-    out, lse = sparse_mla_fwd_tpu(q, kv, idx, **kw)
-    ref_out, ref_lse = sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim)
+    out, lse = sparse_mla_fwd_tpu(q, kv, idx, blocks=fwd_blocks, **kw)
+    ref_out, ref_lse = sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim, q_block=8)
     assert out.shape == (B, T, H, v_dim) and out.dtype == dtype
     assert lse.shape == (B, T, H) and lse.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=atol, rtol=atol)
@@ -85,7 +96,7 @@ def _check_against_reference(dtype, Dk, v_dim, q_block, k_block, atol):
     np.testing.assert_allclose(np.where(empty, 0, lse), np.where(empty, 0, ref_lse), atol=atol, rtol=atol)
     assert not np.asarray(out, np.float32)[empty].any()
 
-    dq, dkv = sparse_mla_bwd_tpu(q, kv, idx, out, lse, d_out, **kw)
+    dq, dkv = sparse_mla_bwd_tpu(q, kv, idx, out, lse, d_out, blocks=bwd_blocks, **kw)
     ref_dq, ref_dkv = _ref_grads(q, kv, idx, d_out, scale, v_dim)
     assert dq.shape == q.shape and dq.dtype == dtype and dkv.shape == kv.shape and dkv.dtype == dtype
     for got, want in ((dq, ref_dq), (dkv, ref_dkv)):
@@ -102,19 +113,21 @@ def test_prepadded_cache_and_glm_dims():
     d_out = jax.random.normal(jax.random.key(2), (B, T, H, v_dim), jnp.float32)
     kv = kv640[..., :Dk]
     scale = Dk**-0.5
-    kw = dict(scale=scale, v_dim=v_dim, q_block=4, k_block=8, interpret=True)
-    out, lse = sparse_mla_fwd_tpu(q, kv640, idx, **kw)
-    ref_out, ref_lse = sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim)
+    kw = dict(scale=scale, v_dim=v_dim, q_block=4, interpret=True)
+    fwd_blocks = SparseMlaFwdTpuBlocks(k_block=8, rows_per_step=4096)
+    bwd_blocks = SparseMlaBwdTpuBlocks(k_block=8, rows_per_step=2048)
+    out, lse = sparse_mla_fwd_tpu(q, kv640, idx, blocks=fwd_blocks, **kw)
+    ref_out, ref_lse = sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v_dim, q_block=4)
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-5)
-    dq, dkv = sparse_mla_bwd_tpu(q, kv640, idx, out, lse, d_out, **kw)
+    dq, dkv = sparse_mla_bwd_tpu(q, kv640, idx, out, lse, d_out, blocks=bwd_blocks, **kw)
     ref_dq, ref_dkv = _ref_grads(q, kv, idx, d_out, scale, v_dim)
     assert dkv.shape == (B, S, 640)
     np.testing.assert_allclose(dq, ref_dq, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(dkv[..., :Dk], ref_dkv, atol=2e-5, rtol=2e-5)
     assert not np.asarray(dkv[..., Dk:]).any()
     # the unpadded cache gives the same answer
-    out2, _ = sparse_mla_fwd_tpu(q, kv, idx, **kw)
+    out2, _ = sparse_mla_fwd_tpu(q, kv, idx, blocks=fwd_blocks, **kw)
     np.testing.assert_allclose(out2, out, atol=1e-6, rtol=1e-6)
 
 
@@ -122,12 +135,35 @@ def test_bad_inputs_raise():
     q = jnp.zeros((1, 4, 2, 192))
     kv = jnp.zeros((1, 8, 192))
     idx = jnp.zeros((1, 4, 8), jnp.int32)
+    kw = dict(scale=1.0, q_block=4, blocks=FWD, interpret=True)
     with pytest.raises(ValueError, match="kv width"):
-        sparse_mla_fwd_tpu(q, jnp.zeros((1, 8, 200)), idx, scale=1.0, v_dim=128, interpret=True)
+        sparse_mla_fwd_tpu(q, jnp.zeros((1, 8, 200)), idx, v_dim=128, **kw)
     with pytest.raises(ValueError, match="dtype"):
-        sparse_mla_fwd_tpu(q, kv.astype(jnp.bfloat16), idx, scale=1.0, v_dim=128, interpret=True)
+        sparse_mla_fwd_tpu(q, kv.astype(jnp.bfloat16), idx, v_dim=128, **kw)
     with pytest.raises(ValueError, match="v_dim"):
-        sparse_mla_fwd_tpu(q, kv, idx, scale=1.0, v_dim=256, interpret=True)
+        sparse_mla_fwd_tpu(q, kv, idx, v_dim=256, **kw)
+    with pytest.raises(TypeError, match="SparseMlaFwdTpuBlocks"):
+        sparse_mla_fwd_tpu(q, kv, idx, v_dim=128, **dict(kw, blocks=BWD))
+
+
+def test_public_op_blocks_queries_for_every_impl():
+    """sparse_mla with q_block < T (3 query blocks, the last one ragged): the Pallas TPU path (interpreted) and
+    the reference agree forward and backward, inside the custom_vjp."""
+    B, T, H, Dk, v_dim, S, K = 2, 13, 4, 192, 128, 40, 24
+    q, kv, idx, d_out = _inputs(jax.random.key(3), B, T, H, Dk, S, K, jnp.float32)
+    d_out = d_out[..., :v_dim]
+
+    def run(impl, interpret):
+        f = lambda q, kv: sparse_mla(q, kv, idx, scale=Dk**-0.5, v_dim=v_dim, q_block=5, impl=impl,
+                                     interpret=interpret)
+        (out, lse), vjp = jax.vjp(f, q, kv)
+        return out, lse, *vjp((d_out, jnp.zeros_like(lse)))
+
+    for got, want in zip(run("pallas_tpu", True), run("reference", False), strict=True):
+        got, want = np.asarray(got), np.asarray(want)
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], atol=2e-5 * max(1.0, np.abs(want[fin]).max()), rtol=2e-5)
 
 
 # ---------------------------------------------------------------------------------- TPU AOT compiles
@@ -139,19 +175,10 @@ CHIPS = ["v5p:2x2x1", "v6e:2x2"]
 
 
 def _compile(topology, kind, B, T, S, kv_width=DK):
-    from pallas_kernels.tpu_aot import compile_for_tpu, memory_summary
+    from benchmarks.compile_report import attention_program
+    from benchmarks.tpu_aot import compile_for_tpu, memory_summary
 
-    sd = jax.ShapeDtypeStruct
-    bf = jnp.bfloat16
-    q, kv, idx = sd((B, T, H, DK), bf), sd((B, S, kv_width), bf), sd((B, T, K), jnp.int32)
-    kw = dict(scale=DK**-0.5, v_dim=V)
-    if kind == "fwd":
-        fn = lambda q, kv, i: sparse_mla_fwd_tpu(q, kv, i, **kw)
-        args = (q, kv, idx)
-    else:
-        o, lse = sd((B, T, H, V), bf), sd((B, T, H), jnp.float32)
-        fn = lambda q, kv, i, o, lse, d: sparse_mla_bwd_tpu(q, kv, i, o, lse, d, **kw)
-        args = (q, kv, idx, o, lse, o)
+    fn, args = attention_program(B, T, S, backward=kind == "bwd", width=kv_width)  # q_block 64, tuned blocks
     compiled = compile_for_tpu(fn, *args, topology=topology)
     mem = memory_summary(compiled)
     layout = compiled.input_formats[0][1].layout.major_to_minor
@@ -194,6 +221,24 @@ def test_temp_memory_does_not_grow_with_tokens():
     _, one = _compile("v5p:2x2x1", "fwd", 1, 64, 8192)
     _, four = _compile("v5p:2x2x1", "fwd", 1, 256, 8192)
     assert four["temp_size_in_bytes"] < 1.1 * one["temp_size_in_bytes"]
+
+
+@needs_libtpu
+def test_public_op_compiled_for_tpu_from_this_cpu_host_holds_mosaic_kernels():
+    """impl="pallas_tpu", interpret=False: forward and backward of the public op (through its custom_vjp) are
+    the real Mosaic kernels when compiled for a v5p here, although this host's backend is CPU."""
+    from benchmarks.tpu_aot import compile_for_tpu
+
+    sd = jax.ShapeDtypeStruct
+
+    def loss(q, kv, idx):
+        out, _ = sparse_mla(q, kv, idx, scale=0.1, v_dim=128, q_block=8, impl="pallas_tpu", interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    fn = jax.grad(loss, argnums=(0, 1))
+    compiled = compile_for_tpu(fn, sd((1, 16, 8, 192), jnp.bfloat16), sd((1, 64, 192), jnp.bfloat16),
+                               sd((1, 16, 32), jnp.int32), topology="v5p:2x2x1")
+    assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 2  # sparse_mla_fwd, _bwd
 
 
 @needs_libtpu

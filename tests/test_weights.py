@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 import glmjax
 from glmjax.weights.checkpoint import INDEX_NAME, SINGLE_NAME, HFCheckpoint, WeightReader
-from glmjax.weights.mapping import build_plans
+from glmjax.weights.mapping import CHECKPOINT_VARS, build_plans
 from glmjax.weights.safetensors_io import SafetensorsFile, write_safetensors
 from tests.conftest import GOLDEN
 
@@ -30,8 +30,9 @@ BF16 = glmjax.ModelOptions(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
 
 
 def params(model) -> dict:
-    """path -> numpy array of every nnx.Param."""
-    return {path: np.asarray(jax.device_get(v[...])) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    """path -> numpy array of every checkpointed variable (params and the router bias)."""
+    state = nnx.state(model, CHECKPOINT_VARS)
+    return {path: np.asarray(jax.device_get(v[...])) for path, v in nnx.to_flat_state(state)}
 
 
 def assert_bit_identical(a: np.ndarray, b: np.ndarray, what=""):
@@ -127,7 +128,7 @@ def test_round_trip_float32_sharded_save(freq_f32, tmp_path):
 
 def test_round_trip_bfloat16_single_file(tmp_path):
     model = glmjax.load_pretrained(GOLDEN / "bf16", dtype=jnp.bfloat16)
-    dtypes = {path: v.dtype for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    dtypes = {path: v.dtype for path, v in nnx.to_flat_state(nnx.state(model, CHECKPOINT_VARS))}
     assert dtypes[("norm", "weight")] == jnp.bfloat16
     bias = [p for p in dtypes if p[-1] == "e_score_correction_bias"]
     assert bias and all(dtypes[p] == jnp.float32 for p in bias)
@@ -298,7 +299,7 @@ def test_sharded_load_matches_unsharded(freq_f32):
     mesh = glmjax.sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
     sharded = glmjax.load_pretrained(GOLDEN / "indexshare_freq", options=F32, mesh=mesh)
     assert_same_params(freq_f32, sharded)
-    state = dict(nnx.to_flat_state(nnx.state(sharded, nnx.Param)))
+    state = dict(nnx.to_flat_state(nnx.state(sharded, CHECKPOINT_VARS)))
     experts = [p for p in state if "experts" in p and p[-1] in ("gate_proj", "up_proj", "down_proj")]
     assert experts
     for path in experts:

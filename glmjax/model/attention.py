@@ -1,10 +1,20 @@
 """Multi-head latent attention (MLA) with DeepSeek Sparse Attention (DSA) and IndexShare.
 
-Shapes: B batch, T queries, S keys (S == T in a full forward), H heads, r = kv_lora_rank, p = qk_rope_head_dim,
-n = qk_nope_head_dim, v = v_head_dim. Attention runs in the absorbed form: the query's nope part is folded
-through W_UK into the latent space, so every head attends over the same [S, r + p] latent rows (the KV
-cache layout), and W_UV is applied after attention. This equals transformers' expanded form exactly in
-exact arithmetic and is what the DSA kernels consume.
+Shapes: B batch, T queries, S keys, H heads, r = kv_lora_rank, p = qk_rope_head_dim, n = qk_nope_head_dim,
+v = v_head_dim, HI/DI indexer heads/dim, K = index_topk. Attention runs in the absorbed form: the query's
+nope part is folded through W_UK into the latent space, so every head attends over the same [S, r + p]
+latent rows (the KV cache layout), and W_UV is applied after attention.
+
+Attention is two steps, so a KV-cache engine calls the same code as the full forward:
+- `project(x)`: everything that depends only on the new tokens: absorbed queries, the new latent rows, the
+  indexer's queries, head weights and new keys;
+- `attend(projection, keys)`: top-k selection (full layers) and sparse attention against `keys`, latent
+  rows and indexer keys of any length S with their validity. The full forward is keys = this sequence.
+
+On a mesh `attend` runs inside `shard_map` (Pallas kernels are not auto-partitioned): batch over the
+batch axes, query and indexer heads over tensor (the indexer's head-weighted score is then a partial sum,
+reduced before top-k), queries over context. Under context parallelism each shard all-gathers this
+sequence's latent rows and indexer keys (small: 576 + 128 values per token) and attends locally.
 """
 
 from __future__ import annotations
@@ -15,32 +25,70 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glmjax import sharding
 from glmjax.config import GlmMoeDsaConfig
+from glmjax.model.context import gather_natural
 from glmjax.model.layers import LayerNorm, Linear, RMSNorm
 from glmjax.model.options import ModelOptions
 from glmjax.model.rope import apply_rope
 from glmjax.sharding import constrain
-from pallas_kernels.dsa_indexer import indexer_topk
-from pallas_kernels.sparse_mla import sparse_mla
+from pallas_kernels.dsa_indexer import indexer_scores_at, indexer_topk
+from pallas_kernels.sparse_mla import attention_probs_at, sparse_mla
 
 
 class SequenceInfo(NamedTuple):
-    """Per-forward inputs shared by every layer.
+    """Per-query inputs shared by every layer (the queries of this call, in model order).
 
-    cos, sin: [B, T, p/2] float32 rope tables. key_valid: [B, S] bool, real (non-padding) keys.
-    query_index: [B, T] int32, each query's position in the key sequence (causality)."""
+    cos, sin: [B, T, p/2] float32 rope tables at the queries' positions.
+    token_index: [B, T] int32, each query's index in the key sequence: it sees keys s <= token_index.
+    doc_start: [B, T] int32, the first key of the query's document: keys s < doc_start are masked (packed
+      sequences; zeros otherwise).
+    valid: [B, T] bool, the query is a real token (as a key of its own sequence: not padding)."""
 
     cos: jax.Array
     sin: jax.Array
-    key_valid: jax.Array
-    query_index: jax.Array
+    token_index: jax.Array
+    doc_start: jax.Array
+    valid: jax.Array
+
+
+class Keys(NamedTuple):
+    """Keys to attend over (a KV cache): latent [B,S,r+p], index_keys [B,S,DI] (None where the layer has no
+    indexer), valid [B,S] bool. Key s is the token with token_index s."""
+
+    latent: jax.Array
+    index_keys: jax.Array | None
+    valid: jax.Array
+
+
+class Projection(NamedTuple):
+    """The new tokens' side of attention. q [B,T,H,r+p] absorbed queries; latent [B,T,r+p] new latent rows;
+    index_q [B,T,HI,DI], index_w [B,T,HI] float32 and index_keys [B,T,DI] on full layers (else None)."""
+
+    q: jax.Array
+    latent: jax.Array
+    index_q: jax.Array | None
+    index_w: jax.Array | None
+    index_keys: jax.Array | None
+
+
+class AttentionAux(NamedTuple):
+    """What the DSA indexer loss needs (only when ModelOptions.indexer_loss): probs [B,T,K] the attention
+    probabilities summed over heads at the selected keys (no gradient), index_logits [B,T,K] the indexer's
+    scores there (full layers, with gradient to the indexer's parameters; -inf in empty slots)."""
+
+    probs: jax.Array | None
+    index_logits: jax.Array | None
 
 
 class Indexer(nnx.Module):
-    """The DSA lightning indexer of a "full" layer: picks each query's top-k keys.
+    """The DSA lightning indexer of a "full" layer.
 
-    q_I = wq_b(q_resid) [B,T,HI,DI]; k_I = LayerNorm(wk(x)) [B,S,DI]; rope on their first p dims;
-    w = weights_proj(x) * HI**-0.5 (float32); score = sum_h w_h relu(q_I,h . k_I) * DI**-0.5."""
+    q_I = wq_b(q_resid) [B,T,HI,DI]; k_I = LayerNorm(wk(x)) [B,T,DI]; rope on their first p dims;
+    w = weights_proj(x) * HI**-0.5 (float32); score = sum_h w_h relu(q_I,h . k_I) * DI**-0.5.
+
+    Its inputs are detached: the indexer learns only from its own (KL) loss, and that loss trains nothing
+    else. The top-k it feeds to attention is discrete, so the LM loss sends it no gradient either."""
 
     def __init__(self, cfg: GlmMoeDsaConfig, opts: ModelOptions, *, rngs: nnx.Rngs):
         HI, DI, std = cfg.index_n_heads, cfg.index_head_dim, cfg.initializer_range
@@ -49,31 +97,25 @@ class Indexer(nnx.Module):
         self.wq_b = Linear((cfg.q_lora_rank,), (HI, DI), ("q_lora", "index_heads", "index_head_dim"), **kw)
         self.wk = Linear((cfg.hidden_size,), (DI,), ("embed", "index_head_dim"), **kw)
         self.k_norm = LayerNorm(DI, 1e-6, axis="index_head_dim", param_dtype=opts.param_dtype)
-        # The head weights are computed in float32 (the scores they weight are float32).
+        # Stored in param_dtype; the head weights it produces are float32 (they weight float32 scores).
         self.weights_proj = Linear((cfg.hidden_size,), (HI,), ("embed", "index_heads"), std=std,
                                    dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
 
     def keys(self, x: jax.Array, info: SequenceInfo) -> jax.Array:
-        """Indexer keys [B,S,DI] (what an indexer KV cache stores)."""
+        """Indexer keys [B,T,DI] of the tokens x [B,T,D] (what the indexer cache stores)."""
         p = self.cfg.qk_rope_head_dim
-        k = self.k_norm(self.wk(x))
+        k = self.k_norm(self.wk(jax.lax.stop_gradient(x)))
         return jnp.concatenate([apply_rope(k[..., :p], info.cos, info.sin), k[..., p:]], axis=-1)
 
-    def __call__(self, x: jax.Array, q_resid: jax.Array, info: SequenceInfo) -> jax.Array:
-        """x [B,T,D] (normed layer input), q_resid [B,T,q_lora] -> top-k indices [B,T,K] int32 (-1 = empty)."""
+    def project(self, x: jax.Array, q_resid: jax.Array, info: SequenceInfo):
+        """x [B,T,D] (normed layer input), q_resid [B,T,q_lora] -> (q [B,T,HI,DI], w [B,T,HI] f32, k [B,T,DI])."""
         cfg = self.cfg
         p = cfg.qk_rope_head_dim
-        q = self.wq_b(q_resid)
+        q = self.wq_b(jax.lax.stop_gradient(q_resid))
         q = jnp.concatenate([apply_rope(q[..., :p], info.cos, info.sin), q[..., p:]], axis=-1)
-        k = self.keys(x, info)
-        w = self.weights_proj(x, out_dtype=jnp.float32) * cfg.index_n_heads**-0.5
-        # The selection is discrete, so the LM loss sends no gradient to the indexer or its inputs; cutting the
-        # graph here also keeps autodiff away from the score kernels (the indexer trains on its own loss).
-        q, k, w = jax.lax.stop_gradient((q, k, w))
-        return indexer_topk(
-            q, k, w, key_valid=info.key_valid, query_index=info.query_index, topk=cfg.index_topk,
-            scale=cfg.index_head_dim**-0.5, q_block=self.opts.q_block, impl=self.opts.attention_impl,
-        )
+        q = constrain(q, ("batch", "seq", "act_index_heads", None))
+        w = self.weights_proj(jax.lax.stop_gradient(x), out_dtype=jnp.float32) * cfg.index_n_heads**-0.5
+        return q, constrain(w, ("batch", "seq", "act_index_heads")), self.keys(x, info)
 
 
 class MLAttention(nnx.Module):
@@ -95,33 +137,122 @@ class MLAttention(nnx.Module):
         self.indexer = Indexer(cfg, opts, rngs=rngs) if full_indexer else None
 
     def latent(self, x: jax.Array, info: SequenceInfo) -> jax.Array:
-        """Latent KV rows [B,S,r+p]: normed kv latent, then the roped shared key (the KV cache row)."""
+        """Latent KV rows [B,T,r+p]: normed kv latent, then the roped shared key (the KV cache row)."""
         r = self.cfg.kv_lora_rank
         ckv = self.kv_a_proj_with_mqa(x)
         c = self.kv_a_layernorm(ckv[..., :r])
         k_rope = apply_rope(ckv[..., r:], info.cos, info.sin)
         return jnp.concatenate([c, k_rope], axis=-1)
 
-    def __call__(self, x: jax.Array, info: SequenceInfo, topk: jax.Array | None):
-        """x [B,T,D] (normed), topk [B,T,K] or None on a full layer -> (out [B,T,D], topk used)."""
+    def project(self, x: jax.Array, info: SequenceInfo) -> Projection:
+        """x [B,T,D] (normed layer input) -> Projection of these tokens."""
         cfg = self.cfg
-        n, r = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        n = cfg.qk_nope_head_dim
         q_resid = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(q_resid)  # [B,T,H,n+p]
         q = constrain(q, ("batch", "seq", "act_heads", None))
         q_rope = apply_rope(q[..., n:], info.cos, info.sin)
         w_kv = self.kv_b_proj.weight[...].astype(self.opts.dtype)  # [r, H, n+v]
         q_abs = jnp.einsum("bthn,rhn->bthr", q[..., :n], w_kv[..., :n], preferred_element_type=jnp.float32)
-        q_full = jnp.concatenate([q_abs.astype(q.dtype), q_rope], axis=-1)  # [B,T,H,r+p]
-        kv = self.latent(x, info)  # [B,S,r+p]
+        q_full = constrain(jnp.concatenate([q_abs.astype(q.dtype), q_rope], axis=-1),
+                           ("batch", "seq", "act_heads", None))  # [B,T,H,r+p]
+        latent = constrain(self.latent(x, info), ("batch", "seq", None))
+        if self.indexer is None:
+            return Projection(q_full, latent, None, None, None)
+        iq, iw, ik = self.indexer.project(x, q_resid, info)
+        return Projection(q_full, latent, iq, iw, constrain(ik, ("batch", "seq", None)))
 
-        if self.indexer is not None:
-            topk = self.indexer(x, q_resid, info)
-        elif topk is None:
+    def attend(self, proj: Projection, info: SequenceInfo, topk: jax.Array | None = None,
+               keys: Keys | None = None) -> tuple[jax.Array, jax.Array, AttentionAux]:
+        """Attention of the projected queries over `keys` (default: the queries' own tokens, the full
+        forward) -> (out [B,T,D], top-k indices [B,T,K] used, AttentionAux).
+
+        topk: indices to reuse (IndexShare): required on a shared layer; on a full layer None runs its
+        indexer, and given indices skip it (later MTP draft steps reuse the first step's selection)."""
+        cfg, opts = self.cfg, self.opts
+        select = topk is None
+        if select and self.indexer is None:
             raise ValueError("a shared DSA layer needs the top-k indices of a full layer before it")
+        own = keys is None
+        if own:
+            keys = Keys(proj.latent, proj.index_keys, info.valid)
+        if select and keys.index_keys is None:
+            raise ValueError("a full DSA layer needs indexer keys for its keys (Keys.index_keys)")
+        if not select:
+            proj = proj._replace(index_q=None, index_w=None)
+            keys = keys._replace(index_keys=None)
+        o_lat, topk, aux = self._attend_sharded(proj, keys, info, topk, own)
+        w_uv = self.kv_b_proj.weight[...].astype(opts.dtype)[..., cfg.qk_nope_head_dim:]
+        o = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv, preferred_element_type=jnp.float32)
+        o = constrain(o.astype(opts.dtype), ("batch", "seq", "act_heads", None))
+        return self.o_proj(o), topk, aux
 
-        o_lat, _ = sparse_mla(q_full, kv, topk, scale=self.scale, v_dim=r, q_block=self.opts.q_block,
-                              impl=self.opts.attention_impl)  # [B,T,H,r]
-        o = jnp.einsum("bthr,rhv->bthv", o_lat, w_kv[..., n:], preferred_element_type=jnp.float32)
-        o = constrain(o.astype(self.opts.dtype), ("batch", "seq", "act_heads", None))
-        return self.o_proj(o), topk
+    def __call__(self, x: jax.Array, info: SequenceInfo, topk: jax.Array | None = None,
+                 keys: Keys | None = None) -> tuple[jax.Array, jax.Array, AttentionAux]:
+        """x [B,T,D] (normed) -> attend(project(x)); see `attend`."""
+        return self.attend(self.project(x, info), info, topk, keys)
+
+    def _attend_sharded(self, proj: Projection, keys: Keys, info: SequenceInfo, topk, own: bool):
+        """Top-k + sparse attention, inside shard_map on a mesh -> (o_lat [B,T,H,r], topk, aux)."""
+        mesh = sharding.current_mesh()
+        head_axes = sharding.mesh_axes("act_heads", mesh)
+        index_head_axes = sharding.mesh_axes("act_index_heads", mesh)
+        seq_axes = sharding.mesh_axes("seq", mesh)
+        cp = sharding.mesh_size(seq_axes, mesh)
+        if not own and cp > 1:
+            # A KV cache is per sequence; sequence-sharded caches are the serving engine's concern.
+            raise NotImplementedError("attention over a given KV cache with a context axis > 1")
+
+        def core(a):
+            kv, ik, kvalid = a["kv"], a["ik"], a["kvalid"]
+            if own:  # this sequence's rows from every context shard, natural order
+                kv, kvalid = gather_natural(kv, seq_axes, cp), gather_natural(kvalid, seq_axes, cp)
+                ik = None if ik is None else gather_natural(ik, seq_axes, cp)
+            return self._attend_local(a["q"], kv, ik, kvalid, a["iq"], a["iw"], a["tok"], a["start"],
+                                      a.get("topk"), head_axes, index_head_axes)
+
+        args = dict(q=proj.q, kv=keys.latent, ik=keys.index_keys, kvalid=keys.valid, iq=proj.index_q,
+                    iw=proj.index_w, tok=info.token_index, start=info.doc_start)
+        if topk is not None:
+            args["topk"] = topk
+        if mesh is None:
+            return core(args)
+        key_seq = "seq" if own else None
+        axes = dict(q=("batch", "seq", "act_heads", None), kv=("batch", key_seq, None),
+                    ik=("batch", key_seq, None), kvalid=("batch", key_seq),
+                    iq=("batch", "seq", "act_index_heads", None), iw=("batch", "seq", "act_index_heads"),
+                    tok=("batch", "seq"), start=("batch", "seq"), topk=("batch", "seq", None))
+        in_specs = {k: (None if v is None else sharding.logical_to_spec(axes[k], v.shape, mesh=mesh,
+                                                                          what=f"attention input {k}"))
+                    for k, v in args.items()}
+        row = sharding.logical_to_spec(("batch", "seq", None), mesh=mesh)
+        out_specs = (sharding.logical_to_spec(("batch", "seq", "act_heads", None), mesh=mesh), row,
+                     AttentionAux(row, row))
+        # check_vma=False: Pallas interpret mode cannot evaluate kernels on values typed as varying over manual
+        # axes. Without the typing, the cotangent of an input replicated over an axis (kv over tensor) is
+        # still summed over that axis by shard_map's transpose: the mesh tests check every gradient.
+        return jax.shard_map(core, in_specs=(in_specs,), out_specs=out_specs, check_vma=False)(args)
+
+    def _attend_local(self, q, kv, ik, kvalid, iq, iw, tok, start, topk, head_axes, index_head_axes):
+        """One shard's attention: its queries against all keys. Head-split partial sums are reduced over
+        the given mesh axes (inside shard_map; empty tuples outside)."""
+        cfg, opts = self.cfg, self.opts
+        common = dict(q_block=opts.q_block, impl=opts.attention_impl, interpret=opts.interpret)
+        if iq is not None:
+            psum_scores = (lambda s: jax.lax.psum(s, index_head_axes)) if index_head_axes else None
+            topk = indexer_topk(
+                jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik), jax.lax.stop_gradient(iw),
+                key_valid=kvalid, query_index=tok, query_start=start, topk=cfg.index_topk,
+                scale=cfg.index_head_dim**-0.5, reduce_scores=psum_scores, **common)
+        o_lat, lse = sparse_mla(q, kv, topk, scale=self.scale, v_dim=cfg.kv_lora_rank, **common)
+        probs = logits = None
+        if opts.indexer_loss:
+            probs = attention_probs_at(q, kv, topk, lse, scale=self.scale, q_block=opts.q_block)
+            if head_axes:
+                probs = jax.lax.psum(probs, head_axes)
+            if iq is not None:
+                logits = indexer_scores_at(iq, ik, iw, topk, scale=cfg.index_head_dim**-0.5, q_block=opts.q_block)
+                if index_head_axes:
+                    logits = jax.lax.psum(logits, index_head_axes)
+                logits = jnp.where(topk >= 0, logits, -jnp.inf)
+        return o_lat, topk, AttentionAux(probs, logits)

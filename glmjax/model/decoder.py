@@ -5,20 +5,26 @@ top-k. Consecutive groups with the same structure form a segment; a segment's gr
 "layers" axis) and run with `lax.scan`, so compile time does not grow with depth. GLM-5.2 has three
 segments: layers [0], [1] (dense, full) as one scanned pair, [2 | 3 4 5] (a dense full layer and three MoE
 shared layers) as a single group, and 18 groups [full | shared shared shared] of MoE layers.
+
+The scanned group body returns auxiliary outputs per layer (MoE loads and scores, the indexer's KL terms),
+stacked by the scan, and takes a named rematerialisation policy (ModelOptions.remat).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from glmjax.config import GlmMoeDsaConfig
-from glmjax.model.attention import MLAttention, SequenceInfo
+from glmjax.model.attention import Keys, MLAttention, SequenceInfo
 from glmjax.model.layers import RMSNorm
 from glmjax.model.mlp import MLP
-from glmjax.model.moe import MoE
+from glmjax.model.moe import MoE, MoEStats
 from glmjax.model.options import ModelOptions
 from glmjax.sharding import constrain
 
@@ -65,6 +71,20 @@ def plan_segments(cfg: GlmMoeDsaConfig) -> tuple[Segment, ...]:
     return tuple(segments)
 
 
+class GroupAux(NamedTuple):
+    """Auxiliary outputs of one IndexShare group.
+
+    moe: MoEStats stacked over the group's MoE layers (leading axis; None when it has none).
+    indexer_kl: [] sum over valid queries of KL(p || softmax(index_logits)) at the full layer's selected keys,
+      p being the head-summed attention of every layer of the group, averaged and L1-normalised
+      (IndexShare's training-aware target); indexer_tokens: [] how many queries were summed. Zeros unless
+      ModelOptions.indexer_loss."""
+
+    moe: MoEStats | None
+    indexer_kl: jax.Array
+    indexer_tokens: jax.Array
+
+
 class DecoderLayer(nnx.Module):
     """x + attn(norm(x)), then + mlp(norm(x)); x [B,T,D]."""
 
@@ -78,11 +98,32 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(D, cfg.intermediate_size, opts, std=cfg.initializer_range, rngs=rngs)
 
-    def __call__(self, x: jax.Array, info: SequenceInfo, topk: jax.Array | None):
-        a, topk = self.self_attn(self.input_layernorm(x), info, topk)
-        x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "seq", "act_embed")), topk
+    def __call__(self, x: jax.Array, info: SequenceInfo, topk: jax.Array | None, keys: Keys | None = None):
+        """-> (x [B,T,D], topk [B,T,K], AttentionAux, MoEStats or None). keys: see MLAttention.attend."""
+        x = checkpoint_name(x, "layer_input")
+        a, topk, attn_aux = self.self_attn(self.input_layernorm(x), info, topk, keys)
+        x = x + checkpoint_name(a, "attention_out")
+        h = self.post_attention_layernorm(x)
+        stats = None
+        if isinstance(self.mlp, MoE):
+            y, stats = self.mlp(h, info.valid)
+        else:
+            y = self.mlp(h)
+        x = x + y
+        return constrain(x, ("batch", "seq", "act_embed")), topk, attn_aux, stats
+
+
+def indexer_kl(probs: list[jax.Array], index_logits: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """probs: head-summed attention [B,T,K] of each layer sharing the top-k; index_logits [B,T,K] (-inf in
+    empty slots); valid [B,T] -> (sum over valid queries of KL(p || softmax(index_logits)), their count)."""
+    p = jax.lax.stop_gradient(sum(probs) / len(probs))
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    ok = valid & (total[..., 0] > 0)
+    p = p / jnp.where(total > 0, total, 1.0)
+    logq = jax.nn.log_softmax(jnp.where(ok[..., None], index_logits, 0.0), axis=-1)
+    terms = jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0)
+    kl = jnp.sum(terms, axis=-1)
+    return jnp.sum(jnp.where(ok, kl, 0.0)), jnp.sum(ok).astype(jnp.float32)
 
 
 class LayerGroup(nnx.Module):
@@ -92,11 +133,29 @@ class LayerGroup(nnx.Module):
                  rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, opts, k, rngs=rngs) for k in kinds])
 
-    def __call__(self, x: jax.Array, info: SequenceInfo) -> jax.Array:
-        topk = None
+    def __call__(self, x: jax.Array, info: SequenceInfo) -> tuple[jax.Array, GroupAux]:
+        topk, probs, logits, stats = None, [], None, []
         for layer in self.layers:
-            x, topk = layer(x, info, topk)
-        return x
+            x, topk, attn_aux, moe_stats = layer(x, info, topk)
+            if attn_aux.index_logits is not None:
+                logits = attn_aux.index_logits
+            if attn_aux.probs is not None:
+                probs.append(attn_aux.probs)
+            if moe_stats is not None:
+                stats.append(moe_stats)
+        moe = jax.tree.map(lambda *s: jnp.stack(s), *stats) if stats else None
+        if probs:
+            kl, n = indexer_kl(probs, logits, info.valid)
+        else:
+            kl = n = jnp.zeros((), jnp.float32)
+        return x, GroupAux(moe, kl, n)
+
+
+REMAT_POLICY = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "layer_input": jax.checkpoint_policies.save_only_these_names("layer_input"),
+    "attention": jax.checkpoint_policies.save_only_these_names("layer_input", "attention_out"),
+}
 
 
 class LayerStack(nnx.Module):
@@ -104,6 +163,7 @@ class LayerStack(nnx.Module):
 
     def __init__(self, cfg: GlmMoeDsaConfig, opts: ModelOptions, segment: Segment, *, rngs: nnx.Rngs):
         self.segment = segment
+        self.remat = opts.remat
 
         @nnx.vmap(in_axes=0, out_axes=0)
         def make(r: nnx.Rngs) -> LayerGroup:
@@ -111,11 +171,13 @@ class LayerStack(nnx.Module):
 
         self.groups = make(rngs.split(segment.num_groups))
 
-    def __call__(self, x: jax.Array, info: SequenceInfo) -> jax.Array:
+    def __call__(self, x: jax.Array, info: SequenceInfo) -> tuple[jax.Array, GroupAux]:
+        """x [B,T,D] -> (x, GroupAux with a leading [num_groups] axis on every field)."""
         graphdef, state = nnx.split(self.groups)
 
         def body(h, group_state):
-            return nnx.merge(graphdef, group_state)(h, info), None
+            return nnx.merge(graphdef, group_state)(h, info)
 
-        x, _ = jax.lax.scan(body, x, state)
-        return x
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICY[self.remat], prevent_cse=False)
+        return jax.lax.scan(body, x, state)

@@ -1,4 +1,4 @@
-"""The multi-token-prediction (MTP) layer (stored as model.layers.{num_hidden_layers + i}).
+"""The multi-token-prediction (MTP) layer (stored as model.layers.{num_hidden_layers}).
 
 At position j: x = eh_proj(concat[enorm(embed(t[j+1])), hnorm(h[j])]), with h the main model's final-normed
 hidden state (or, at a later drafting step, the previous step's decoder output), rope position j; then a
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glmjax.config import GlmMoeDsaConfig
-from glmjax.model.attention import SequenceInfo
-from glmjax.model.decoder import DecoderLayer, LayerKind
+from glmjax.model.attention import Keys, SequenceInfo
+from glmjax.model.decoder import DecoderLayer, GroupAux, LayerKind, indexer_kl
 from glmjax.model.layers import Linear, RMSNorm
 from glmjax.model.options import ModelOptions
 
@@ -34,9 +34,17 @@ class MTPLayer(nnx.Module):
         self.decoder = DecoderLayer(cfg, opts, LayerKind("sparse", True), rngs=rngs)
         self.shared_head = SharedHead(cfg, opts)
 
-    def __call__(self, next_embeds: jax.Array, h: jax.Array, info: SequenceInfo) -> tuple[jax.Array, jax.Array]:
-        """next_embeds [B,T',D] = embed(t[j+1]), h [B,T',D] -> (decoder output [B,T',D] before the head norm,
-        shared_head.norm of it, ready for the main lm_head)."""
+    def __call__(self, next_embeds: jax.Array, h: jax.Array, info: SequenceInfo, topk: jax.Array | None = None,
+                 keys: Keys | None = None) -> tuple[jax.Array, jax.Array, GroupAux]:
+        """next_embeds [B,T,D] = embed(t[j+1]), h [B,T,D] -> (decoder output [B,T,D] before the head norm,
+        shared_head.norm of it (ready for the main lm_head), GroupAux of the layer).
+
+        topk / keys: a later draft step's reuse of the first step's selection and KV (see MLAttention)."""
         x = self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(h)], axis=-1))
-        out, _ = self.decoder(x, info, None)
-        return out, self.shared_head.norm(out)
+        out, _, attn_aux, stats = self.decoder(x, info, topk, keys)
+        if attn_aux.probs is not None and attn_aux.index_logits is not None:
+            kl, n = indexer_kl([attn_aux.probs], attn_aux.index_logits, info.valid)
+        else:
+            kl = n = jnp.zeros((), jnp.float32)
+        moe = jax.tree.map(lambda a: a[None], stats)
+        return out, self.shared_head.norm(out), GroupAux(moe, kl, n)

@@ -10,24 +10,51 @@ import jax.numpy as jnp
 AttentionImpl = Literal["reference", "pallas", "pallas_tpu", "pallas_gpu"]
 ATTENTION_IMPLS: tuple[str, ...] = ("reference", "pallas", "pallas_tpu", "pallas_gpu")
 
+# What the backward pass keeps of each scanned IndexShare group's forward (jax.checkpoint policies):
+#   "none": no remat, everything is saved; "nothing": only the group's input (the scan carry) is saved;
+#   "layer_input": each decoder layer's input; "attention": each layer's input and attention output.
+Remat = Literal["none", "nothing", "layer_input", "attention"]
+REMAT_POLICIES: tuple[str, ...] = ("none", "nothing", "layer_input", "attention")
+
+# The MoE's grouped matmul: megablox (Pallas, TPU), XLA ragged_dot (GPU), or a routed-rows-only tiled loop
+# (CPU). None picks the default backend's; an ahead-of-time TPU compile from a CPU host names "megablox".
+MoEGroupedMatmul = Literal["megablox", "ragged_dot", "tiled"]
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """dtype: activations and matmul inputs; param_dtype: stored weights (the router bias and the indexer's
-    weights_proj stay float32, as in transformers). attention_impl selects the DSA kernels. q_block is the
-    query-block length of the chunked DSA path: memory per block is O(q_block * (index_heads * S + topk * 576))
-    instead of O(T * S)."""
+    """dtype: activations and matmul inputs; param_dtype: stored weights (the router's correction bias stays
+    float32, as in transformers; the indexer's weights_proj is stored in param_dtype and its head weights
+    come out of a float32-accumulated matmul as float32).
+
+    attention_impl selects the DSA kernels; interpret runs the Pallas kernels in interpret mode (for CPU
+    tests): a kernel family that does not match the compile target is an error unless it is set.
+    q_block is the query-block length of the chunked DSA path (every impl): memory per block is
+    O(q_block * (index_heads * S + topk * 576)) instead of O(T * S). remat: see REMAT_POLICIES.
+    indexer_loss: collect the DSA indexer's KL terms (sparse stage) in the auxiliary outputs.
+    moe_gmm_impl, moe_capacity_factor: the MoE's grouped matmul and expert-parallel exchange slots (see
+    glmjax.model.moe.MoE); interpret also runs megablox in interpret mode."""
 
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "reference"
+    interpret: bool = False
     q_block: int = 128
+    remat: Remat = "none"
+    indexer_loss: bool = False
+    moe_gmm_impl: MoEGroupedMatmul | None = None
+    moe_capacity_factor: float | None = 2.0
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"ModelOptions.attention_impl: {self.attention_impl!r} is not one of {ATTENTION_IMPLS}"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelOptions.remat: {self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            raise ValueError(f"ModelOptions.moe_capacity_factor: must be positive or None, got "
+                             f"{self.moe_capacity_factor}")
         if self.q_block <= 0:
             raise ValueError(f"ModelOptions.q_block: must be positive, got {self.q_block}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))

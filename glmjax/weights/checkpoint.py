@@ -25,7 +25,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from glmjax.config import ConfigError, GlmMoeDsaConfig
 from glmjax.model import GlmMoeDsa, ModelOptions
 from glmjax.sharding import param_sharding
-from glmjax.weights.mapping import ParamPlan, build_plans, iter_hf_keys
+from glmjax.weights.mapping import CHECKPOINT_VARS, ParamPlan, build_plans, iter_hf_keys
 from glmjax.weights.safetensors_io import SafetensorsFile, SafetensorsFormatError, write_safetensors
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -196,22 +196,33 @@ class WeightReader:
         return plan.to_leaf(full)[leaf_idx].astype(plan.dtype)
 
 
-def load_pretrained(path: str | Path, dtype=jnp.bfloat16, *, options: ModelOptions | None = None,
+def _options(dtype, options: ModelOptions | None) -> ModelOptions:
+    if options is None:
+        dtype = jnp.bfloat16 if dtype is None else dtype
+        return ModelOptions(dtype=dtype, param_dtype=dtype)
+    if dtype is not None and (jnp.dtype(dtype) != options.dtype or jnp.dtype(dtype) != options.param_dtype):
+        raise ValueError(f"load_pretrained: dtype={jnp.dtype(dtype).name} conflicts with options (dtype="
+                         f"{options.dtype.name}, param_dtype={options.param_dtype.name}); pass one of them")
+    return options
+
+
+def load_pretrained(path: str | Path, dtype=None, *, options: ModelOptions | None = None,
                     mesh: Mesh | None = None, rules: Mapping[str, tuple[str, ...]] | None = None) -> GlmMoeDsa:
     """Loads a Hugging Face glm_moe_dsa checkpoint directory into a GlmMoeDsa.
 
-    dtype: the parameter and compute dtype (FP8 weights are dequantized to it; the router bias and the
-    indexer's weights_proj stay float32). options: full ModelOptions instead (overrides dtype).
-    mesh/rules: place each parameter directly in its sharded layout (logical rules, see glmjax.sharding).
+    dtype: the parameter and compute dtype (default bfloat16; FP8 weights are dequantized to it; the router
+    bias and the indexer's weights_proj stay float32). options: full ModelOptions instead; giving both is
+    an error unless options.dtype and options.param_dtype equal dtype.
+    mesh/rules: place each variable directly in its sharded layout (logical rules, see glmjax.sharding).
     """
+    opts = _options(dtype, options)
     ckpt = HFCheckpoint(path)
-    opts = options or ModelOptions(dtype=dtype, param_dtype=dtype)
     abstract = nnx.eval_shape(lambda: GlmMoeDsa(ckpt.config, opts, rngs=nnx.Rngs(0)))
     plans = build_plans(abstract)
     reader = WeightReader(ckpt, plans)
     by_path = {p.path: p for p in plans}
     new_values = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(abstract, CHECKPOINT_VARS)):
         plan = by_path[path]
         if mesh is None:
             sharding = SingleDeviceSharding(jax.devices()[0])
@@ -240,7 +251,7 @@ def save_pretrained(model: GlmMoeDsa, path: str | Path, *, max_shard_size: int |
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     plans = build_plans(model)
-    values = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    values = dict(nnx.to_flat_state(nnx.state(model, CHECKPOINT_VARS)))
     entries = [(key, plan, idx) for key, plan, idx in iter_hf_keys(plans)]
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]

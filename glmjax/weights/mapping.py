@@ -17,7 +17,12 @@ from collections.abc import Iterator
 import numpy as np
 from flax import nnx
 
+from glmjax.model.moe import RouterBias
 from glmjax.model.transformer import GlmMoeDsa
+
+# The variables a checkpoint holds: the parameters and the router's correction bias (its own variable type,
+# so that optimizers over nnx.Param leave it to the load balancer).
+CHECKPOINT_VARS = nnx.Any(nnx.Param, RouterBias)
 
 IDENTITY_OWNERS = {
     "input_layernorm", "post_attention_layernorm", "q_a_layernorm", "kv_a_layernorm", "k_norm", "norm",
@@ -74,11 +79,12 @@ def _layer_suffix(path: tuple[str, ...]) -> tuple[str, bool, int]:
 
 
 def build_plans(model: GlmMoeDsa) -> list[ParamPlan]:
-    """ParamPlans for every parameter of `model` (an abstract model from nnx.eval_shape is enough)."""
+    """ParamPlans for every checkpointed variable of `model` (CHECKPOINT_VARS; an abstract model from
+    nnx.eval_shape is enough)."""
     cfg = model.config
     L = cfg.num_hidden_layers
     plans = []
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(model, CHECKPOINT_VARS)):
         shape, dtype = tuple(var.shape), np.dtype(var.dtype)
         head = str(path[0])
         if head == "stacks":

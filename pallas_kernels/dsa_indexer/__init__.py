@@ -1,59 +1,92 @@
-"""DSA lightning indexer: scores and exact top-k.
+"""DSA lightning indexer: scores, exact top-k, and the indexer-loss terms.
 
-`indexer_topk(..., impl)`: "reference" (pure JAX, `lax.top_k`), or a Pallas impl: per query block, the
-scores kernel of the chip (tpu.py / gpu.py) followed by the exact threshold top-k (topk.py; on TPU its
-32-pass threshold search is a kernel holding each row in VMEM).
+`indexer_topk(..., impl, interpret)`: "reference" (pure JAX, `lax.top_k`), or a Pallas impl: per query block,
+the scores kernel of the family (tpu.py / gpu.py) followed by the exact threshold top-k (topk.py; on TPU its
+32-pass threshold search is a kernel holding each row in VMEM). Both walk the queries in blocks of q_block.
+`indexer_scores_at` (loss_terms.py) gives the differentiable scores of the selected keys, for the indexer loss.
 """
 
 from __future__ import annotations
 
 import functools
 
-from pallas_kernels.common import kernel_family, map_query_blocks, tuned_blocks
-from pallas_kernels.dsa_indexer.reference import indexer_topk_reference
+import jax.numpy as jnp
+
+from pallas_kernels.blocks import tuned_blocks
+from pallas_kernels.common import check_q_block, kernel_family, map_query_blocks
+from pallas_kernels.dsa_indexer.loss_terms import indexer_scores_at
+from pallas_kernels.dsa_indexer.reference import indexer_scores_block, indexer_topk_reference
 from pallas_kernels.dsa_indexer.topk import exact_topk
 
+__all__ = ["indexer_scores", "indexer_scores_at", "indexer_topk", "select_topk"]
 
-def indexer_scores(q, k, w, key_valid, query_index, *, scale: float, k_scale=None, impl: str = "pallas"):
-    """Scores [B,T,S] float32 (-inf where masked) with the Pallas kernel family that `impl` selects."""
-    family, interpret = kernel_family(impl)
+
+def _scores(family: str, interpret: bool, q, k, w, key_valid, query_index, query_start, scale, k_scale):
     if family == "tpu":
         from pallas_kernels.dsa_indexer.tpu import indexer_scores_tpu as kernel
     else:
         from pallas_kernels.dsa_indexer.gpu import indexer_scores_gpu as kernel
-    return kernel(q, k, w, key_valid, query_index, scale=scale, k_scale=k_scale, interpret=interpret,
-                  **tuned_blocks("indexer_scores", family))
+    return kernel(q, k, w, key_valid, query_index, scale=scale, query_start=query_start, k_scale=k_scale,
+                  blocks=tuned_blocks("indexer_scores", family), interpret=interpret)
 
 
-def select_topk(scores, k: int, *, impl: str = "pallas"):
-    """Exact top-k of scores [..., S] float32 (see topk.exact_topk) with the threshold search of `impl`:
-    the TPU kernel (each row held in VMEM for the 32 passes) on the TPU family, XLA on GPU."""
-    family, interpret = kernel_family(impl)
+def _select(family: str, interpret: bool, scores, k: int):
     threshold_fn = None
     if family == "tpu":
         from pallas_kernels.dsa_indexer.tpu import kth_largest_key_tpu
 
         threshold_fn = functools.partial(kth_largest_key_tpu, interpret=interpret,
-                                         **tuned_blocks("kth_largest_key", family))
+                                         blocks=tuned_blocks("kth_largest_key", family))
     return exact_topk(scores, k, threshold_fn=threshold_fn)
 
 
-def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_block: int = 128,
-                 impl: str = "reference", k_scale=None):
+def indexer_scores(q, k, w, *, key_valid, query_index, scale: float, impl: str = "reference",
+                   interpret: bool = False, query_start=None, k_scale=None):
+    """Scores [B,T,S] float32 (-inf where masked) of one query block, not chunked (see indexer_topk for that).
+
+    q [B,T,H,D], k [B,S,D] (int8 on TPU / float8_e4m3fn on GPU with k_scale [B,S] f32), w [B,T,H] f32,
+    key_valid [B,S] bool, query_index [B,T] int32, query_start [B,T] int32 or None (see
+    `indexer_topk_reference`). impl: "reference" or a Pallas impl (see common.kernel_family)."""
+    if impl == "reference":
+        if k_scale is not None:
+            raise ValueError("indexer_scores: quantized keys (k_scale) need a Pallas impl")
+        return indexer_scores_block(q, k, w, key_valid, query_index, scale, query_start)
+    return _scores(kernel_family(impl, interpret), interpret, q, k, w, key_valid, query_index, query_start,
+                   scale, k_scale)
+
+
+def select_topk(scores, k: int, *, impl: str, interpret: bool = False):
+    """Exact top-k of scores [..., S] float32 (see topk.exact_topk) with the threshold search of a Pallas impl:
+    the TPU kernel (each row held in VMEM for the 32 passes) on the TPU family, XLA on GPU."""
+    return _select(kernel_family(impl, interpret), interpret, scores, k)
+
+
+def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_block: int,
+                 impl: str = "reference", interpret: bool = False, query_start=None, reduce_scores=None,
+                 k_scale=None):
     """Top-k key indices [B, T, min(topk, S)] int32 per query, -1 in empty slots.
 
-    q [B,T,H,D], k [B,S,D], w [B,T,H] float32, key_valid [B,S] bool, query_index [B,T] int32 (see
-    `indexer_topk_reference`). The reference returns indices best first; the Pallas path returns them in
-    increasing key order (same set)."""
+    q [B,T,H,D], k [B,S,D], w [B,T,H] float32, key_valid [B,S] bool, query_index [B,T] int32, query_start
+    [B,T] int32 or None (keys s < query_start are masked: packed documents); see `indexer_topk_reference`.
+    Queries are walked in blocks of q_block (lax.map) by every impl. reduce_scores, if given, maps each
+    block's scores [B,bq,S] float32 before the top-k: `lambda s: jax.lax.psum(s, "tensor")` when the heads
+    are split over devices (masked entries are -inf on every device, and stay -inf). k_scale: quantized keys
+    (Pallas impls only). The reference returns indices best first; the Pallas path returns them in
+    increasing key order (same set). interpret is ignored by the reference."""
+    check_q_block(q_block)
     if impl == "reference":
         if k_scale is not None:
             raise ValueError("indexer_topk: quantized keys (k_scale) need a Pallas impl")
         return indexer_topk_reference(q, k, w, key_valid=key_valid, query_index=query_index, topk=topk,
-                                      scale=scale, q_block=q_block)
-    kernel_family(impl)  # an unknown impl fails here, before tracing
+                                      scale=scale, q_block=q_block, query_start=query_start,
+                                      reduce_scores=reduce_scores)
+    family = kernel_family(impl, interpret)  # an unknown impl fails here, before tracing
+    qs = jnp.zeros_like(query_index) if query_start is None else query_start
 
-    def block(qb, wb, qib):
-        scores = indexer_scores(qb, k, wb, key_valid, qib, scale=scale, k_scale=k_scale, impl=impl)
-        return select_topk(scores, topk, impl=impl)
+    def block(qb, wb, qib, qsb):
+        scores = _scores(family, interpret, qb, k, wb, key_valid, qib, qsb, scale, k_scale)
+        if reduce_scores is not None:
+            scores = reduce_scores(scores)
+        return _select(family, interpret, scores, topk)
 
-    return map_query_blocks(block, q_block, q, w, query_index)
+    return map_query_blocks(block, q_block, q, w, query_index, qs)

@@ -1,19 +1,21 @@
 """Lightning-indexer scores on TPU (Pallas Mosaic).
 
-score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s] * scale), -inf where s is padding or after
-the query (s > query_index[b, t]). Same contract as `reference.indexer_scores_block`.
+score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s] * scale), -inf where s is padding, after
+the query (s > query_index[b, t]) or before its document (s < query_start[b, t]). Same contract as
+`reference.indexer_scores_block`.
 
 Grid (B, T / block_q, S / block_k), key blocks innermost. Per step the query tile [block_q, H, D] is
 reshaped to [block_q * H, D] so one MXU matmul against the key tile [block_k, D] gives every head's logits
 [block_q * H, block_k]; relu, the head weights and the sum over heads run on the VPU. A key block that lies
-entirely after the last query of the tile (causal) is written as -inf without any compute: the per-tile
-last query index comes in by scalar prefetch.
+entirely after the last query of the tile (causal), or entirely before the smallest document start of the
+tile (packed sequences), is written as -inf without any compute: the per-tile largest query index and
+smallest query start come in by scalar prefetch.
 
 Quantized keys (the serving cache): int8 keys with a per-token float32 scale. The key tile is converted to
 the query dtype for the MXU and the scale multiplies each key's column before the relu (relu(c a) = c
 relu(a) for c > 0), so no dequantized copy of the cache exists.
 
-VMEM per step at the default blocks (block_q = 16, block_k = 2048, H = 32, D = 128, bf16):
+VMEM per step at the tuned blocks (block_q = 16, block_k = 2048, H = 32, D = 128, bf16):
 q 16*32*128*2 = 128 KiB, k 2048*128*2 = 512 KiB, logits 512*2048*4 = 4 MiB, out 16*2048*4 = 128 KiB;
 double-buffered inputs and outputs about 1.5 MiB, well inside v5p / v6e VMEM.
 """
@@ -27,23 +29,28 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import cdiv, pad_axis
+from pallas_kernels.blocks import IndexerScoresTpuBlocks, KthLargestKeyTpuBlocks
+from pallas_kernels.common import cdiv, out_struct, pad_axis
 from pallas_kernels.dsa_indexer.topk import SIGN, ordered_keys
 
+NO_START = 2**31 - 1  # query_start of a padded query: above every key, so it never lowers a tile's minimum
 
-def _kernel(qmax_ref, q_ref, k_ref, w_ref, valid_ref, qi_ref, *rest, scale, block_k, quantized):
+
+def _kernel(qmax_ref, qmin_ref, q_ref, k_ref, w_ref, valid_ref, qi_ref, qs_ref, *rest, scale, block_k, quantized):
     if quantized:
         ks_ref, o_ref = rest
     else:
         (o_ref,) = rest
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k_start = j * block_k
+    # A key block after every query of the tile (causal) or before every query's document start is all -inf.
+    needed = (k_start <= qmax_ref[b, i]) & (k_start + block_k > qmin_ref[b, i])
 
-    @pl.when(k_start > qmax_ref[b, i])
+    @pl.when(jnp.logical_not(needed))
     def _skip():
         o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, o_ref.dtype)
 
-    @pl.when(k_start <= qmax_ref[b, i])
+    @pl.when(needed)
     def _compute():
         bq, H, D = q_ref.shape[1:]
         q = q_ref[0].reshape(bq * H, D)
@@ -54,14 +61,16 @@ def _kernel(qmax_ref, q_ref, k_ref, w_ref, valid_ref, qi_ref, *rest, scale, bloc
         logits = jnp.maximum(logits * scale, 0.0).reshape(bq, H, block_k)
         scores = jnp.sum(logits * w_ref[0][:, :, None], axis=1)  # [bq, block_k]
         s_idx = k_start + jax.lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
-        allowed = (valid_ref[0] > 0) & (s_idx <= qi_ref[0])
+        allowed = (valid_ref[0] > 0) & (s_idx <= qi_ref[0]) & (s_idx >= qs_ref[0])
         o_ref[0] = jnp.where(allowed, scores, -jnp.inf)
 
 
-def indexer_scores_tpu(q, k, w, key_valid, query_index, *, scale: float, k_scale=None, block_q: int = 16,
-                       block_k: int = 2048, interpret=False):
+def indexer_scores_tpu(q, k, w, key_valid, query_index, *, scale: float, blocks: IndexerScoresTpuBlocks,
+                       query_start=None, k_scale=None, interpret: bool = False):
     """q [B,T,H,D], k [B,S,D] (or int8 with k_scale [B,S] f32), w [B,T,H] f32, key_valid [B,S] bool,
-    query_index [B,T] int32 -> scores [B,T,S] float32 (-inf where masked)."""
+    query_index [B,T] int32, query_start [B,T] int32 or None -> scores [B,T,S] float32 (-inf where masked)."""
+    if not isinstance(blocks, IndexerScoresTpuBlocks):
+        raise TypeError(f"indexer_scores_tpu: blocks must be IndexerScoresTpuBlocks, got {type(blocks).__name__}")
     B, T, H, D = q.shape
     S = k.shape[1]
     quantized = k_scale is not None
@@ -69,26 +78,31 @@ def indexer_scores_tpu(q, k, w, key_valid, query_index, *, scale: float, k_scale
         raise ValueError(f"indexer_scores_tpu: quantized keys must be int8, got {k.dtype}")
     if not quantized and k.dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(f"indexer_scores_tpu: keys must be bf16/f32 (or int8 with k_scale), got {k.dtype}")
-    bq = min(block_q, max(8, cdiv(T, 8) * 8))
-    bk = min(block_k, max(128, cdiv(S, 128) * 128))
+    if query_start is None:
+        query_start = jnp.zeros((B, T), jnp.int32)
+    bq = min(blocks.block_q, max(8, cdiv(T, 8) * 8))
+    bk = min(blocks.block_k, max(128, cdiv(S, 128) * 128))
     q_p = pad_axis(q, 1, bq)
     w_p = pad_axis(w.astype(jnp.float32), 1, bq)
     qi_p = pad_axis(query_index.astype(jnp.int32), 1, bq, value=-1)  # padded queries see nothing
+    qs_p = pad_axis(query_start.astype(jnp.int32), 1, bq, value=NO_START)  # ... nor lower a tile's min start
     k_p = pad_axis(k, 1, bk)
     valid_p = pad_axis(key_valid.astype(jnp.int32), 1, bk)[:, None, :]  # [B, 1, S]
     Tp, Sp = q_p.shape[1], k_p.shape[1]
     nq, nk = Tp // bq, Sp // bk
     qmax = jnp.max(qi_p.reshape(B, nq, bq), axis=-1)  # [B, nq] scalar-prefetched
+    qmin = jnp.min(qs_p.reshape(B, nq, bq), axis=-1)
     in_specs = [
-        pl.BlockSpec((1, bq, H, D), lambda b, i, j, qm: (b, i, 0, 0)),
-        pl.BlockSpec((1, bk, D), lambda b, i, j, qm: (b, j, 0)),
-        pl.BlockSpec((1, bq, H), lambda b, i, j, qm: (b, i, 0)),
-        pl.BlockSpec((1, 1, bk), lambda b, i, j, qm: (b, 0, j)),
-        pl.BlockSpec((1, bq, 1), lambda b, i, j, qm: (b, i, 0)),
+        pl.BlockSpec((1, bq, H, D), lambda b, i, j, *_: (b, i, 0, 0)),
+        pl.BlockSpec((1, bk, D), lambda b, i, j, *_: (b, j, 0)),
+        pl.BlockSpec((1, bq, H), lambda b, i, j, *_: (b, i, 0)),
+        pl.BlockSpec((1, 1, bk), lambda b, i, j, *_: (b, 0, j)),
+        pl.BlockSpec((1, bq, 1), lambda b, i, j, *_: (b, i, 0)),
+        pl.BlockSpec((1, bq, 1), lambda b, i, j, *_: (b, i, 0)),
     ]
-    args = [q_p, k_p, w_p, valid_p, qi_p[:, :, None]]
+    args = [q_p, k_p, w_p, valid_p, qi_p[:, :, None], qs_p[:, :, None]]
     if quantized:
-        in_specs.append(pl.BlockSpec((1, 1, bk), lambda b, i, j, qm: (b, 0, j)))
+        in_specs.append(pl.BlockSpec((1, 1, bk), lambda b, i, j, *_: (b, 0, j)))
         args.append(pad_axis(k_scale.astype(jnp.float32), 1, bk)[:, None, :])
     flops = 2 * B * Tp * H * D * Sp // 2 + 3 * B * Tp * H * Sp // 2  # about half the tiles are causal-skipped
     cost = pl.CostEstimate(
@@ -98,15 +112,15 @@ def indexer_scores_tpu(q, k, w, key_valid, query_index, *, scale: float, k_scale
     )
     out = pl.pallas_call(
         functools.partial(_kernel, scale=scale, block_k=bk, quantized=quantized),
-        out_shape=jax.ShapeDtypeStruct((B, Tp, Sp), jnp.float32),
+        out_shape=out_struct((B, Tp, Sp), jnp.float32, qmax, qmin, *args),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(B, nq, nk), in_specs=in_specs,
-            out_specs=pl.BlockSpec((1, bq, bk), lambda b, i, j, qm: (b, i, j)),
+            num_scalar_prefetch=2, grid=(B, nq, nk), in_specs=in_specs,
+            out_specs=pl.BlockSpec((1, bq, bk), lambda b, i, j, *_: (b, i, j)),
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         cost_estimate=cost,
         interpret=interpret,
-    )(qmax, *args)
+    )(qmax, qmin, *args)
     return out[:, :T, :S]
 
 
@@ -130,11 +144,14 @@ def _threshold_kernel(s_ref, o_ref, *, k):
     o_ref[...] = ans_u ^ SIGN
 
 
-def kth_largest_key_tpu(scores, k: int, *, block_rows: int = 8, interpret=False):
+def kth_largest_key_tpu(scores, k: int, *, blocks: KthLargestKeyTpuBlocks, interpret: bool = False):
     """scores [R, S] float32 -> [R, 1] int32: the k-th largest ordered key per row (see topk.kth_largest_key).
 
-    Each grid step holds block_rows full rows in VMEM and runs the 32 compare-and-count passes there, so HBM
-    is read once instead of 32 times (block_rows * S * 4 bytes of VMEM: 4 MiB at S = 128K)."""
+    Each grid step holds blocks.block_rows full rows in VMEM and runs the 32 compare-and-count passes there, so
+    HBM is read once instead of 32 times (block_rows * S * 4 bytes of VMEM: 4 MiB at 8 rows, S = 128K)."""
+    if not isinstance(blocks, KthLargestKeyTpuBlocks):
+        raise TypeError(f"kth_largest_key_tpu: blocks must be KthLargestKeyTpuBlocks, got {type(blocks).__name__}")
+    block_rows = blocks.block_rows
     R, S = scores.shape
     if S > 2**24:
         raise ValueError(f"kth_largest_key_tpu: rows of {S} keys exceed exact float32 counting (2**24)")
@@ -143,7 +160,7 @@ def kth_largest_key_tpu(scores, k: int, *, block_rows: int = 8, interpret=False)
     vmem = 2 * block_rows * S * 4 + (8 << 20)  # the single-buffered scores, compare temporaries, slack
     out = pl.pallas_call(
         functools.partial(_threshold_kernel, k=k),
-        out_shape=jax.ShapeDtypeStruct((Rp, 1), jnp.int32),
+        out_shape=out_struct((Rp, 1), jnp.int32, x),
         grid=(Rp // block_rows,),
         # One buffer: the next row block's copy would double VMEM, and the 32 passes dwarf the copy.
         in_specs=[pl.BlockSpec((block_rows, S), lambda i: (i, 0), pipeline_mode=pl.Buffered(1))],

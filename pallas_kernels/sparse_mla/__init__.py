@@ -1,9 +1,12 @@
-"""Sparse MLA attention (absorbed form) over top-k selected latent rows.
+"""Sparse MLA attention (absorbed form) over top-k selected latent rows, and the indexer-loss probabilities.
 
-`sparse_mla(q, kv, indices, ..., impl)`: "reference" (pure JAX, differentiated by autodiff), or a Pallas
-impl whose forward and backward are both kernels, joined by a custom_vjp: the backward is sparse too (dq
-from the selected rows, dkv by scatter-add into the latent rows), so training pays sparse cost. No
-gradient flows into `indices` (top-k selection is discrete) or through `lse`.
+`sparse_mla(q, kv, indices, ..., q_block, impl, interpret)`: "reference" (pure JAX, differentiated by autodiff),
+or a Pallas impl whose forward and backward are both kernels, joined by a custom_vjp: the backward is sparse
+too (dq from the selected rows, dkv by scatter-add into the latent rows), so training pays sparse cost. No
+gradient flows into `indices` (top-k selection is discrete) or through `lse`. Every impl walks the queries in
+blocks of q_block: the reference with lax.map, the kernel wrappers with lax.map forward and lax.scan backward
+(inside the custom_vjp, so the float32 dkv accumulator is the scan carry rather than a cotangent summed in
+kv's dtype). `attention_probs_at` (loss_terms.py) gives attention's probabilities at the selected rows.
 """
 
 from __future__ import annotations
@@ -12,8 +15,12 @@ import functools
 
 import jax
 
-from pallas_kernels.common import kernel_family, tuned_blocks
+from pallas_kernels.blocks import tuned_blocks
+from pallas_kernels.common import check_q_block, kernel_family
+from pallas_kernels.sparse_mla.loss_terms import attention_probs_at
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
+
+__all__ = ["attention_probs_at", "sparse_mla"]
 
 
 def _kernels(family: str):
@@ -26,37 +33,41 @@ def _kernels(family: str):
     return fwd, bwd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _sparse_mla_pallas(q, kv, indices, scale, v_dim, family, interpret):
-    return _fwd(q, kv, indices, scale, v_dim, family, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _sparse_mla_pallas(q, kv, indices, scale, v_dim, q_block, family, interpret):
+    return _fwd(q, kv, indices, scale, v_dim, q_block, family, interpret)[0]
 
 
-def _fwd(q, kv, indices, scale, v_dim, family, interpret):
+def _fwd(q, kv, indices, scale, v_dim, q_block, family, interpret):
     fwd, _ = _kernels(family)
-    out, lse = fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret,
-                   **tuned_blocks("sparse_mla_fwd", family))
+    out, lse = fwd(q, kv, indices, scale=scale, v_dim=v_dim, q_block=q_block,
+                   blocks=tuned_blocks("sparse_mla_fwd", family), interpret=interpret)
     return (out, lse), (q, kv, indices, out, lse)
 
 
-def _bwd(scale, v_dim, family, interpret, res, cts):
+def _bwd(scale, v_dim, q_block, family, interpret, res, cts):
     q, kv, indices, out, lse = res
     d_out, _ = cts  # lse is returned under stop_gradient: its cotangent is zero
     _, bwd = _kernels(family)
-    dq, dkv = bwd(q, kv, indices, out, lse, d_out, scale=scale, v_dim=v_dim, interpret=interpret,
-                  **tuned_blocks("sparse_mla_bwd", family))
+    dq, dkv = bwd(q, kv, indices, out, lse, d_out, scale=scale, v_dim=v_dim, q_block=q_block,
+                  blocks=tuned_blocks("sparse_mla_bwd", family), interpret=interpret)
     return dq, dkv, None
 
 
 _sparse_mla_pallas.defvjp(_fwd, _bwd)
 
 
-def sparse_mla(q, kv, indices, *, scale: float, v_dim: int, q_block: int = 128, impl: str = "reference"):
+def sparse_mla(q, kv, indices, *, scale: float, v_dim: int, q_block: int, impl: str = "reference",
+               interpret: bool = False):
     """q [B,T,H,Dk], kv [B,S,Dk], indices [B,T,K] int32 (-1 = empty) -> (out [B,T,H,v_dim], lse [B,T,H]).
 
-    See `sparse_mla_reference` for the semantics. lse carries no gradient."""
+    See `sparse_mla_reference` for the semantics. lse carries no gradient. q_block: queries per block, for
+    every impl. impl: "reference" or a Pallas impl (see common.kernel_family); interpret is ignored by the
+    reference."""
+    check_q_block(q_block)
     if impl == "reference":
         out, lse = sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, q_block=q_block)
     else:
-        family, interpret = kernel_family(impl)
-        out, lse = _sparse_mla_pallas(q, kv, indices, float(scale), int(v_dim), family, interpret)
+        family = kernel_family(impl, interpret)
+        out, lse = _sparse_mla_pallas(q, kv, indices, float(scale), int(v_dim), q_block, family, bool(interpret))
     return out, jax.lax.stop_gradient(lse)

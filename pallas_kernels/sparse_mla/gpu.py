@@ -12,19 +12,23 @@ and gathers the rows with one vector-indexed load per part, `kv_ref[rows[:, None
 on the valid slots (empty slots cost no memory traffic). Each row is 1152 contiguous bytes (bf16), so the
 loads coalesce per row.
 
-Forward. Grid `(T, head_blocks, num_splits, B)`: one program per query token (all block_h = H = 64 heads at
-once by default, so each gathered row serves all heads) and per split of its K selected rows. A program
+Query blocks. Both passes walk the queries in blocks of bq = min(q_block, T) tokens (the caller's q_block,
+as for every impl): lax.map forward, lax.scan backward with the float32 dkv accumulator as its carry. One
+kernel call per block; the grids below are per call.
+
+Forward. Grid `(bq, head_blocks, num_splits, B)`: one program per query token (block_h = 64 heads: all of
+them at GLM-5.2, so each gathered row serves all heads) and per split of its K selected rows. A program
 loops over its K / num_splits rows in blocks of block_k = 64 with an online softmax in float32:
 - q tile [64, 512] + [64, 64] bf16: 72 KiB, loaded once;
 - gathered rows [64, 512] + [64, 64] bf16: 72 KiB per step (staged through shared memory for the dots);
 - logits / probabilities [64, 64] float32: 16 KiB; accumulator [64, 512] float32: 128 KiB, i.e. 128
   registers per thread at 8 warps (the dominant cost: lower block_h to 32 if ptxas reports spills).
-num_splits (flash-decoding) keeps the GPU busy when B * T is small (decode: B = 8, T = 1 is only 8 tokens):
+num_splits (flash-decoding) keeps the GPU busy when B * bq is small (decode: B = 8, T = 1 is only 8 tokens):
 each split writes a float32 partial output and its log-sum-exp, and XLA merges them (a few MiB at most).
-With num_splits = 1 the kernel writes the final output directly. Default: enough splits for ~132 programs
-(one per H200 SM), at least 4 blocks of rows per split.
+With num_splits = 1 the kernel writes the final output directly. Default: enough splits for target_programs
+= 132 programs (one per H200 SM), at least 4 blocks of rows per split.
 
-Backward. Grid `(T, head_blocks, B)`, block_h = 32 and block_k = 32 by default (the dq accumulator,
+Backward. Grid `(bq, head_blocks, B)`, block_h = 32 and block_k = 32 (tuned_blocks.json; the dq accumulator,
 q and d_out stay resident: [32, 576] f32 + [32, 576] + [32, 512] bf16 = 140 KiB, plus the [32, 512] f32
 row gradient of each step, 64 KiB). Per block of rows, the standard flash backward:
 p = exp(s * scale - lse), dp = d_out . v, ds = p * (dp - delta), dq += scale * ds @ rows,
@@ -48,9 +52,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import cdiv, pad_axis
-
-H200_SMS = 132
+from pallas_kernels.blocks import SparseMlaBwdGpuBlocks, SparseMlaFwdGpuBlocks
+from pallas_kernels.common import (
+    cdiv,
+    check_q_block,
+    from_query_blocks,
+    map_query_blocks,
+    match_varying,
+    out_struct,
+    pad_axis,
+    to_query_blocks,
+)
 
 
 def _next_pow2(n: int) -> int:
@@ -124,37 +136,52 @@ def _fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref, *, scale, v_dim, rope, b
     plgpu.store(o_ref, (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype))
 
 
-def _default_splits(B, T, n_blocks):
-    """Splits for about one program per SM, each split keeping at least 4 blocks of rows (powers of two)."""
-    want = _next_pow2(cdiv(H200_SMS, B * T))
+def _default_splits(tokens, n_blocks, target_programs):
+    """Splits for about target_programs programs (one per SM), each split keeping at least 4 blocks of rows
+    (powers of two)."""
+    want = _next_pow2(cdiv(target_programs, tokens))
     most = 1 << (max(1, n_blocks // 4).bit_length() - 1)
     return min(want, most)
 
 
-def sparse_mla_fwd_gpu(q, kv, indices, *, scale: float, v_dim: int, block_k: int = 64, block_h: int | None = None,
-                       num_splits: int | None = None, num_warps: int = 8, num_stages: int = 1,
-                       interpret: bool = False):
-    """(out [B,T,H,v_dim] in q.dtype, lse [B,T,H] float32); same contract as `sparse_mla_reference`."""
-    _check_shapes("sparse_mla_fwd_gpu", q, kv, indices, v_dim, block_k)
+def sparse_mla_fwd_gpu(q, kv, indices, *, scale: float, v_dim: int, q_block: int, blocks: SparseMlaFwdGpuBlocks,
+                       num_splits: int | None = None, interpret: bool = False):
+    """(out [B,T,H,v_dim] in q.dtype, lse [B,T,H] float32); same contract as `sparse_mla_reference`.
+
+    Queries are walked in blocks of q_block (lax.map), one kernel call per block. num_splits: split-K factor
+    (None: enough for blocks.target_programs programs per call)."""
+    if not isinstance(blocks, SparseMlaFwdGpuBlocks):
+        raise TypeError(f"sparse_mla_fwd_gpu: blocks must be SparseMlaFwdGpuBlocks, got {type(blocks).__name__}")
+    _check_shapes("sparse_mla_fwd_gpu", q, kv, indices, v_dim, blocks.block_k)
+    check_q_block(q_block)
     B, T, H, Dk = q.shape
-    S, K = kv.shape[1], indices.shape[2]
-    rope = Dk - v_dim
+    K = indices.shape[2]
     Hp = max(16, _next_pow2(H))  # tensor-core dots need >= 16 rows; padded heads have q = 0, sliced off
-    block_h = Hp if block_h is None else block_h
-    if not (_is_pow2(block_h) and 16 <= block_h <= Hp):
-        raise ValueError(f"sparse_mla_fwd_gpu: block_h={block_h} must be a power of two in [16, {Hp}]")
-    block_k = min(block_k, max(16, _next_pow2(K)))
+    block_h = min(blocks.block_h, Hp)
+    if not (_is_pow2(block_h) and block_h >= 16):
+        raise ValueError(f"sparse_mla_fwd_gpu: block_h={block_h} must be a power of two >= 16")
+    block_k = min(blocks.block_k, max(16, _next_pow2(K)))
     n_blocks = cdiv(K, block_k)
     if num_splits is None:
-        num_splits = _default_splits(B, T, n_blocks)
+        num_splits = _default_splits(B * min(q_block, T), n_blocks, blocks.target_programs)
     num_splits = max(1, min(num_splits, n_blocks))
     blocks_per_split = cdiv(n_blocks, num_splits)
     idx = pad_axis(indices.astype(jnp.int32), 2, num_splits * blocks_per_split * block_k, value=-1)
-    qp = pad_axis(q, 2, Hp)
-    nh = Hp // block_h
-    o_dtype = q.dtype if num_splits == 1 else jnp.float32
+    call = functools.partial(_fwd_call, kv, scale=float(scale), v_dim=v_dim, block_k=block_k, block_h=block_h,
+                             num_splits=num_splits, blocks_per_split=blocks_per_split, blocks=blocks,
+                             interpret=interpret)
+    out, lse = map_query_blocks(call, q_block, pad_axis(q, 2, Hp), idx, pad_values=(0, -1))
+    return out[:, :, :H], lse[:, :, :H]
 
-    kernel = functools.partial(_fwd_kernel, scale=float(scale), v_dim=v_dim, rope=rope, block_k=block_k,
+
+def _fwd_call(kv, qp, idx, *, scale, v_dim, block_k, block_h, num_splits, blocks_per_split, blocks, interpret):
+    """One query block: qp [B,bq,Hp,Dk], idx [B,bq,Kp] -> out [B,bq,Hp,v_dim] (q.dtype), lse [B,bq,Hp] f32."""
+    B, T, Hp, Dk = qp.shape
+    S = kv.shape[1]
+    rope = Dk - v_dim
+    nh = Hp // block_h
+    o_dtype = qp.dtype if num_splits == 1 else jnp.float32
+    kernel = functools.partial(_fwd_kernel, scale=scale, v_dim=v_dim, rope=rope, block_k=block_k,
                                blocks_per_split=blocks_per_split)
     rows_read = B * T * nh * idx.shape[2]
     o_part, lse_part = pl.pallas_call(
@@ -169,26 +196,25 @@ def sparse_mla_fwd_gpu(q, kv, indices, *, scale: float, v_dim: int, block_k: int
             pl.BlockSpec((None, None, None, block_h, v_dim), lambda t, h, s, b: (b, t, s, h, 0)),
             pl.BlockSpec((None, None, None, block_h), lambda t, h, s, b: (b, t, s, h)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((B, T, num_splits, Hp, v_dim), o_dtype),
-                   jax.ShapeDtypeStruct((B, T, num_splits, Hp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        out_shape=[out_struct((B, T, num_splits, Hp, v_dim), o_dtype, qp, kv, idx),
+                   out_struct((B, T, num_splits, Hp), jnp.float32, qp, kv, idx)],
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         cost_estimate=pl.CostEstimate(flops=2 * rows_read * block_h * (Dk + v_dim),
                                       transcendentals=rows_read * block_h,
-                                      bytes_accessed=rows_read * Dk * kv.dtype.itemsize + q.size * q.dtype.itemsize),
+                                      bytes_accessed=rows_read * Dk * kv.dtype.itemsize + qp.size * qp.dtype.itemsize),
         interpret=interpret,
         name="sparse_mla_fwd",
     )(qp, kv, idx)
 
     if num_splits == 1:
-        out, lse = o_part[:, :, 0], lse_part[:, :, 0]
-    else:  # merge the splits' partial softmaxes
-        lse = jnp.max(lse_part, axis=2)
-        lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)
-        wgt = jnp.where(lse_part == -jnp.inf, 0.0, jnp.exp(lse_part - lse_safe[:, :, None]))  # [B,T,ns,Hp]
-        tot = jnp.sum(wgt, axis=2)
-        out = jnp.einsum("btsh,btshv->bthv", wgt, o_part) / jnp.where(tot > 0, tot, 1.0)[..., None]
-        lse = lse_safe + jnp.log(tot)
-    return out[:, :, :H].astype(q.dtype), lse[:, :, :H]
+        return o_part[:, :, 0], lse_part[:, :, 0]
+    # merge the splits' partial softmaxes
+    lse = jnp.max(lse_part, axis=2)
+    lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)
+    wgt = jnp.where(lse_part == -jnp.inf, 0.0, jnp.exp(lse_part - lse_safe[:, :, None]))  # [B,T,ns,Hp]
+    tot = jnp.sum(wgt, axis=2)
+    out = jnp.einsum("btsh,btshv->bthv", wgt, o_part) / jnp.where(tot > 0, tot, 1.0)[..., None]
+    return out.astype(qp.dtype), lse_safe + jnp.log(tot)
 
 
 def _bwd_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dkv_in_ref, dq_ref, dkv_ref, *, scale, v_dim,
@@ -234,10 +260,16 @@ def _bwd_kernel(q_ref, kv_ref, idx_ref, do_ref, lse_ref, delta_ref, dkv_in_ref, 
         plgpu.store(dq_ref.at[:, pl.ds(v_dim, rope)], (dq_rope * scale).astype(dq_ref.dtype))
 
 
-def sparse_mla_bwd_gpu(q, kv, indices, out, lse, d_out, *, scale: float, v_dim: int, block_k: int = 32,
-                       block_h: int = 32, num_warps: int = 8, num_stages: int = 1, interpret: bool = False):
-    """(dq [B,T,H,Dk] in q.dtype, dkv [B,S,Dk] in kv.dtype) for `sparse_mla_fwd_gpu`'s (out, lse) and d_out."""
-    _check_shapes("sparse_mla_bwd_gpu", q, kv, indices, v_dim, block_k)
+def sparse_mla_bwd_gpu(q, kv, indices, out, lse, d_out, *, scale: float, v_dim: int, q_block: int,
+                       blocks: SparseMlaBwdGpuBlocks, interpret: bool = False):
+    """(dq [B,T,H,Dk] in q.dtype, dkv [B,S,Dk] in kv.dtype) for `sparse_mla_fwd_gpu`'s (out, lse) and d_out.
+
+    Queries are walked in blocks of q_block (lax.scan); the float32 dkv accumulator is the scan carry, passed
+    to each block's kernel as an aliased input that its atomics add into."""
+    if not isinstance(blocks, SparseMlaBwdGpuBlocks):
+        raise TypeError(f"sparse_mla_bwd_gpu: blocks must be SparseMlaBwdGpuBlocks, got {type(blocks).__name__}")
+    _check_shapes("sparse_mla_bwd_gpu", q, kv, indices, v_dim, blocks.block_k)
+    check_q_block(q_block)
     B, T, H, Dk = q.shape
     S, K = kv.shape[1], indices.shape[2]
     if out.shape != (B, T, H, v_dim) or d_out.shape != out.shape or lse.shape != (B, T, H):
@@ -245,27 +277,26 @@ def sparse_mla_bwd_gpu(q, kv, indices, out, lse, d_out, *, scale: float, v_dim: 
                          f"q {q.shape} and v_dim={v_dim}")
     rope = Dk - v_dim
     Hp = max(16, _next_pow2(H))
-    block_h = min(block_h, Hp)
+    block_h = min(blocks.block_h, Hp)
     if not (_is_pow2(block_h) and block_h >= 16):
         raise ValueError(f"sparse_mla_bwd_gpu: block_h={block_h} must be a power of two >= 16")
-    block_k = min(block_k, max(16, _next_pow2(K)))
+    block_k = min(blocks.block_k, max(16, _next_pow2(K)))
     idx = pad_axis(indices.astype(jnp.int32), 2, block_k, value=-1)
     n_blocks = idx.shape[2] // block_k
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     # Padded heads: q = 0, d_out = 0, delta = 0, lse = 0 -> ds = 0 and p^T d_out = 0, so they add nothing.
-    qp = pad_axis(q, 2, Hp)
-    dop = pad_axis(d_out.astype(kv.dtype), 2, Hp)
-    lsep = pad_axis(lse.astype(jnp.float32), 2, Hp)
-    deltap = pad_axis(delta, 2, Hp)
-    dkv0 = jnp.zeros((B, S + 1, Dk), jnp.float32)  # row S: dump row for empty slots
+    # Padded queries (last query block): no valid slot, so they add nothing either.
+    bq = min(q_block, T)
+    xs = (to_query_blocks(pad_axis(q, 2, Hp), bq), to_query_blocks(idx, bq, -1),
+          to_query_blocks(pad_axis(d_out.astype(kv.dtype), 2, Hp), bq),
+          to_query_blocks(pad_axis(lse.astype(jnp.float32), 2, Hp), bq), to_query_blocks(pad_axis(delta, 2, Hp), bq))
     nh = Hp // block_h
-
     kernel = functools.partial(_bwd_kernel, scale=float(scale), v_dim=v_dim, rope=rope, block_k=block_k,
                                n_blocks=n_blocks, dump_row=S, interpret=interpret)
-    rows_read = B * T * nh * idx.shape[2]
-    dq, dkv = pl.pallas_call(
+    rows_read = B * bq * nh * idx.shape[2]
+    call = pl.pallas_call(
         kernel,
-        grid=(T, nh, B),
+        grid=(bq, nh, B),
         in_specs=[
             pl.BlockSpec((None, None, block_h, Dk), lambda t, h, b: (b, t, h, 0)),
             pl.BlockSpec((None, S, Dk), lambda t, h, b: (b, 0, 0)),
@@ -279,14 +310,21 @@ def sparse_mla_bwd_gpu(q, kv, indices, out, lse, d_out, *, scale: float, v_dim: 
             pl.BlockSpec((None, None, block_h, Dk), lambda t, h, b: (b, t, h, 0)),
             pl.BlockSpec((None, S + 1, Dk), lambda t, h, b: (b, 0, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((B, T, Hp, Dk), q.dtype),
-                   jax.ShapeDtypeStruct((B, S + 1, Dk), jnp.float32)],
+        out_shape=[out_struct((B, bq, Hp, Dk), q.dtype, kv, *xs), out_struct((B, S + 1, Dk), jnp.float32, kv, *xs)],
         input_output_aliases={6: 1},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         cost_estimate=pl.CostEstimate(flops=2 * rows_read * block_h * (3 * Dk + 2 * v_dim),
                                       transcendentals=rows_read * block_h,
                                       bytes_accessed=rows_read * Dk * (kv.dtype.itemsize + 4)),
         interpret=interpret,
         name="sparse_mla_bwd",
-    )(qp, kv, idx, dop, lsep, deltap, dkv0)
-    return dq[:, :, :H], dkv[:, :S].astype(kv.dtype)
+    )
+
+    def step(dkv, xs):
+        qb, ib, dob, lb, db = xs
+        dq, dkv = call(qb, kv, ib, dob, lb, db, dkv)
+        return dkv, dq
+
+    dkv0 = match_varying(jnp.zeros((B, S + 1, Dk), jnp.float32), kv, *xs)  # row S: dump row for empty slots
+    dkv, dq = jax.lax.scan(step, dkv0, xs)
+    return from_query_blocks(dq, T)[:, :, :H], dkv[:, :S].astype(kv.dtype)

@@ -7,20 +7,19 @@ Per block the gathered rows are [B, q_block, K, Dk]; no [T, S] array exists.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import map_query_blocks
+from pallas_kernels.common import gather_rows, map_query_blocks
 
 
-def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: int = 128):
+def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: int):
     """Attention of each query over its selected latent rows.
 
     Args:
       q: [B, T, H, Dk] absorbed queries (q_nope @ W_UK, then the roped q, concatenated).
       kv: [B, S, Dk] latent rows (normed kv latent, then the roped shared key).
       indices: [B, T, K] int32 selected rows; negative entries are empty slots.
-      scale: softmax scale. v_dim: the first v_dim dims of each row are its value.
+      scale: softmax scale. v_dim: the first v_dim dims of each row are its value. q_block: queries per block.
     Returns:
       out [B, T, H, v_dim] in q.dtype (zeros for a query with no valid row) and lse [B, T, H] float32
       (-inf for such a query).
@@ -28,7 +27,7 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: i
 
     def block(qb, ib):
         valid = ib >= 0
-        rows = jax.vmap(lambda kv_b, i_b: kv_b[jnp.clip(i_b, 0, kv.shape[1] - 1)])(kv, ib)  # [B,bq,K,Dk]
+        rows = gather_rows(kv, ib)  # [B,bq,K,Dk]
         logits = jnp.einsum("bqhd,bqkd->bqhk", qb, rows, preferred_element_type=jnp.float32) * scale
         logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
         m = jnp.max(logits, axis=-1, keepdims=True)
@@ -40,4 +39,4 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: i
         lse = (m_safe + jnp.log(denom))[..., 0]
         return out.astype(q.dtype), lse
 
-    return map_query_blocks(block, q_block, q, indices)
+    return map_query_blocks(block, q_block, q, indices, pad_values=(0, -1))

@@ -6,11 +6,12 @@ q.dtype, lse [B, T, H] float32 (zeros / -inf for a query with no valid row).
 
 Design
 ------
-* Query blocks. `T` is cut into blocks of `bq <= q_block` tokens, walked with `lax.map` (forward) or
-  `lax.scan` (backward, the dkv accumulator is its carry), so only one block's gathered rows exist at a time:
-  [B, bq, K, Dp] (bq = 64, K = 2048, Dp = 640, bf16: 168 MB); nothing is [T, K, Dk] or [T, S].
+* Query blocks. `T` is cut into blocks of `bq = min(q_block, T)` tokens (the caller's q_block, the same
+  for every impl), walked with `lax.map` (forward) or `lax.scan` (backward, the dkv accumulator is its
+  carry), so only one block's gathered rows exist at a time: [B, bq, K, Dp] (bq = 64, K = 2048, Dp = 640,
+  bf16: 168 MB); nothing is [T, K, Dk] or [T, S].
 * Gather in XLA. Per block, `kv[b, clip(idx)]` is a plain XLA gather: on v5p XLA offloads it to the
-  SparseCore. DESIGN.md estimates gather-then-dense about 12x faster than one row DMA per selected token
+  SparseCore. Static v5p estimates put gather-then-dense about 12x faster than one row DMA per selected token
   issued from the TensorCore (issue cost dominates), and bf16 rows cannot be DMA'd one at a time anyway.
 * Row width. Rows are padded to Dp = round_up(Dk, 128) lanes (576 -> 640), q with zeros alike, so the
   kernel's matmuls are lane-aligned. The padded columns never change a result (q's pad is zero, values are
@@ -38,10 +39,12 @@ Design
   carried across query blocks (empty slots and padding tokens are sent out of bounds and dropped).
 * Each pallas_call carries a `pl.CostEstimate` (cost_analysis does not look inside Pallas kernels).
 
-Block sizes and VMEM per grid step (`vmem_bytes_fwd` / `vmem_bytes_bwd`; double-buffered blocks, scratch,
-and the float32 intermediates; H = 64, Dp = 640, v_dim = 512, bf16):
+Block sizes (tuned_blocks.json: k_block and rows_per_step = tq * kb) and VMEM per grid step (`vmem_bytes_fwd`
+/ `vmem_bytes_bwd`; double-buffered blocks, scratch, and the float32 intermediates; H = 64, Dp = 640,
+v_dim = 512, bf16):
 * forward: tq = 4096 // kb tokens per step (tq = 8 at kb = 512: 4096 rows, 512 MXU LHS rows): 18.3 MiB.
 * backward: tq = 2048 // kb (tq = 4 at kb = 512): 29.6 MiB (the float32 d_rows block is 5 MiB, twice).
+tq is lowered to a divisor of the B * bq tokens of a block when it does not divide them.
 Measured (smallest vmem_limit_bytes with which Mosaic still compiles the kernel, by bisection, these blocks):
 v5p forward 20.1 MiB, backward 20.5 MiB; v6e forward 14.5 MiB, backward 16.8 MiB. vmem_limit_bytes is set to
 1.25x the estimate, at least 32 MiB, at most 100 MiB (so 32 MiB forward, 37 MiB backward), under v5p's
@@ -70,17 +73,15 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import cdiv, pad_axis
+from pallas_kernels.blocks import SparseMlaBwdTpuBlocks, SparseMlaFwdTpuBlocks
+from pallas_kernels.common import cdiv, check_q_block, gather_rows, match_varying, out_struct, pad_axis
 
 LANES = 128
-FWD_ROWS_PER_STEP = 4096  # tq * kb for the forward kernel
-BWD_ROWS_PER_STEP = 2048  # tq * kb for the backward kernel (its float32 d_rows block is the big one)
 MASK_FLOOR = -1e30  # finite stand-in for -inf in the running max
 MIN_VMEM_LIMIT = 32 * 2**20
 MAX_VMEM_LIMIT = 100 * 2**20
@@ -91,18 +92,18 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _plan(B: int, T: int, K: int, q_block: int, k_block: int, rows_per_step: int):
-    """Block sizes: (bq tokens per query block, T padded to a multiple of bq, kb, K padded, tq tokens/step)."""
-    if q_block < 1 or k_block < 1:
-        raise ValueError(f"sparse_mla_tpu: q_block ({q_block}) and k_block ({k_block}) must be positive")
+    """Block sizes: (bq tokens per query block, T padded to a multiple of bq, kb, K padded, tq tokens/step).
+
+    bq = min(q_block, T) exactly; tq is the largest divisor of the B * bq tokens of a block that keeps
+    tq * kb <= rows_per_step (so no token padding; an odd token count only makes the steps smaller)."""
+    check_q_block(q_block)
     kb = min(k_block, K)
     K_pad = _round_up(K, kb)
-    bq0 = min(q_block, T)
-    n0 = B * bq0  # tokens per kernel call
-    tq = max(1, min(rows_per_step // kb, n0))
-    # the kernel sees B * bq tokens; make that a multiple of tq by growing bq (padding tokens are masked)
-    bq = bq0
-    while (B * bq) % tq:
-        bq += 1
+    bq = min(q_block, T)
+    n = B * bq  # tokens per kernel call
+    tq = max(1, min(rows_per_step // kb, n))
+    while n % tq:
+        tq -= 1
     T_pad = _round_up(T, bq)
     return bq, T_pad, kb, K_pad, tq
 
@@ -148,9 +149,7 @@ def _pad_cache_first(S: int, T_pad: int, K_pad: int) -> bool:
 
 def _gather_rows(kv, idx, Dp: int):
     """kv [B, S, D], idx [B, bq, K] -> rows [B, bq, K, Dp] (XLA gather; empty slots read row 0, masked later)."""
-    S = kv.shape[1]
-    rows = jax.vmap(lambda kv_b, i_b: kv_b[jnp.clip(i_b, 0, S - 1)])(kv, idx)
-    return pad_axis(rows, 3, Dp)
+    return pad_axis(gather_rows(kv, idx), 3, Dp)
 
 
 def vmem_bytes_fwd(tq: int, kb: int, H: int, Dp: int, v_dim: int, itemsize: int) -> int:
@@ -235,7 +234,8 @@ def _fwd_call(q, rows, slots, *, scale, v_dim, kb, tq, interpret):
             pl.BlockSpec((tq, H, v_dim), lambda i, k: (i, 0, 0)),
             pl.BlockSpec((tq, H, 1), lambda i, k: (i, 0, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((N, H, v_dim), q.dtype), jax.ShapeDtypeStruct((N, H, 1), jnp.float32)],
+        out_shape=[out_struct((N, H, v_dim), q.dtype, slots, q, rows),
+                   out_struct((N, H, 1), jnp.float32, slots, q, rows)],
         scratch_shapes=[
             pltpu.VMEM((tq, H, 1), jnp.float32),
             pltpu.VMEM((tq, H, 1), jnp.float32),
@@ -249,12 +249,15 @@ def _fwd_call(q, rows, slots, *, scale, v_dim, kb, tq, interpret):
     )(slots, q, rows)
 
 
-def sparse_mla_fwd_tpu(q, kv, indices, *, scale: float, v_dim: int, q_block: int = 64, k_block: int = 512,
-                       interpret=False):
-    """Forward sparse MLA (see module doc). Returns out [B, T, H, v_dim] (q.dtype), lse [B, T, H] float32."""
+def sparse_mla_fwd_tpu(q, kv, indices, *, scale: float, v_dim: int, q_block: int, blocks: SparseMlaFwdTpuBlocks,
+                       interpret: bool = False):
+    """Forward sparse MLA (see module doc), walking the queries in blocks of q_block. Returns out [B, T, H, v_dim]
+    (q.dtype), lse [B, T, H] float32."""
+    if not isinstance(blocks, SparseMlaFwdTpuBlocks):
+        raise TypeError(f"sparse_mla_fwd_tpu: blocks must be SparseMlaFwdTpuBlocks, got {type(blocks).__name__}")
     B, T, H, Dk, Dp = _check(q, kv, indices, v_dim)
     K = indices.shape[2]
-    bq, T_pad, kb, K_pad, tq = _plan(B, T, K, q_block, k_block, FWD_ROWS_PER_STEP)
+    bq, T_pad, kb, K_pad, tq = _plan(B, T, K, q_block, blocks.k_block, blocks.rows_per_step)
     indices = pad_axis(indices.astype(jnp.int32), 2, K_pad, -1)
     q_blocks = _blocks(pad_axis(q, 3, Dp), T_pad, bq, 0)  # [nb, B, bq, H, Dp]
     idx_blocks = _blocks(indices, T_pad, bq, -1)  # [nb, B, bq, K_pad]
@@ -328,7 +331,8 @@ def _bwd_call(qd, rows, slots, lse, delta, *, scale, kb, tq, interpret):
             pl.BlockSpec((tq, H, Dp), lambda i, k: (i, 0, 0)),
             pl.BlockSpec((tq, kb, Dp), lambda i, k: (i, k, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((N, H, Dp), qd.dtype), jax.ShapeDtypeStruct((N, K, Dp), jnp.float32)],
+        out_shape=[out_struct((N, H, Dp), qd.dtype, slots, qd, rows, lse, delta),
+                   out_struct((N, K, Dp), jnp.float32, slots, qd, rows, lse, delta)],
         scratch_shapes=[pltpu.VMEM((tq, H, Dp), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                              vmem_limit_bytes=_vmem_limit(vmem)),
@@ -338,16 +342,19 @@ def _bwd_call(qd, rows, slots, lse, delta, *, scale, kb, tq, interpret):
     )(slots, qd, rows, lse, delta)
 
 
-def sparse_mla_bwd_tpu(q, kv, indices, out, lse, d_out, *, scale: float, v_dim: int, q_block: int = 64,
-                       k_block: int = 512, interpret=False):
-    """Gradients of sparse MLA given the forward's out and lse: dq like q, dkv like kv (float32 accumulation)."""
+def sparse_mla_bwd_tpu(q, kv, indices, out, lse, d_out, *, scale: float, v_dim: int, q_block: int,
+                       blocks: SparseMlaBwdTpuBlocks, interpret: bool = False):
+    """Gradients of sparse MLA given the forward's out and lse: dq like q, dkv like kv (float32 accumulation
+    across the query blocks of q_block)."""
+    if not isinstance(blocks, SparseMlaBwdTpuBlocks):
+        raise TypeError(f"sparse_mla_bwd_tpu: blocks must be SparseMlaBwdTpuBlocks, got {type(blocks).__name__}")
     B, T, H, Dk, Dp = _check(q, kv, indices, v_dim)
     S, Dkv = kv.shape[1], kv.shape[2]
     K = indices.shape[2]
     if out.shape != (B, T, H, v_dim) or d_out.shape != out.shape or lse.shape != (B, T, H):
         raise ValueError(f"sparse_mla_bwd_tpu: want out/d_out {(B, T, H, v_dim)} and lse {(B, T, H)}; got out "
                          f"{out.shape}, d_out {d_out.shape}, lse {lse.shape}")
-    bq, T_pad, kb, K_pad, tq = _plan(B, T, K, q_block, k_block, BWD_ROWS_PER_STEP)
+    bq, T_pad, kb, K_pad, tq = _plan(B, T, K, q_block, blocks.k_block, blocks.rows_per_step)
     indices = pad_axis(indices.astype(jnp.int32), 2, K_pad, -1)
     N = B * bq
     if kv.shape[2] != Dp and _pad_cache_first(S, T_pad, K_pad):
@@ -367,5 +374,5 @@ def sparse_mla_bwd_tpu(q, kv, indices, out, lse, d_out, *, scale: float, v_dim: 
         dkv_acc = dkv_acc.at[b_ids, target].add(drows.reshape(B, bq, K_pad, Dp), mode="drop")
         return dkv_acc, dq.reshape(B, bq, H, Dp)
 
-    dkv, dq = lax.scan(step, jnp.zeros((B, S, Dp), jnp.float32), xs)
+    dkv, dq = lax.scan(step, match_varying(jnp.zeros((B, S, Dp), jnp.float32), kv, *xs), xs)
     return _unblock(dq, T)[..., :Dk], dkv[..., :Dkv].astype(kv.dtype)

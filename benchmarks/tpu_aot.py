@@ -1,4 +1,6 @@
-"""Ahead-of-time compilation for TPU on a host without one (CPU CI machines), for compile tests.
+"""Ahead-of-time compilation for TPU on a host without one (CPU CI machines), for compile tests and reports.
+
+Tooling, not library: `pallas_kernels` sets no environment variables; this module does, when imported.
 
 With libtpu installed, `jax.experimental.topologies.get_topology_desc(platform="tpu", ...)` describes TPU
 devices that exist only on paper; a jit lowered under an abstract mesh over them, with inputs given a
@@ -7,6 +9,9 @@ devices that exist only on paper; a jit lowered under an abstract mesh over them
 
     compiled = compile_for_tpu(fn, jax.ShapeDtypeStruct((8, 576), jnp.bfloat16), topology="v6e:2x2")
     print(compiled.memory_analysis())
+
+A kernel op inside `fn` must be called with impl="pallas_tpu", interpret=False to hold real Mosaic kernels
+("pallas" follows the host's CPU backend and needs interpret=True there).
 
 Several processes (pytest workers, a second python) may load libtpu at once: `ALLOW_MULTIPLE_LIBTPU_LOAD=1`
 is set, and libtpu's logs go to a temporary folder (`TPU_LOG_DIR`) unless the caller chose one. Both are set

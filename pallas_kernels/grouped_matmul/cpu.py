@@ -1,0 +1,123 @@
+"""Grouped matmul for CPU: a loop over row tiles that computes only the routed rows.
+
+XLA:CPU has no ragged kernel: `lax.ragged_dot` lowers to a dense matmul of every row against every group,
+G times the useful work (with 32 experts that made the MoE, and the whole prefill, several times slower than
+transformers). Rows arrive sorted by group, so each group is a contiguous row range. The range is covered by
+row tiles of `tm` rows; a tile that straddles a group boundary is visited once per group it touches, and each
+visit writes only its group's rows. At most cdiv(M, tm) + G - 1 tiles are visited, and the trip count is the
+actual number (a `while` loop), so rows past sum(group_sizes) cost nothing.
+
+Forward and backward are both such loops, joined by a custom_vjp: dlhs is the same product against rhs
+transposed, drhs[g] accumulates tile(lhs).T @ tile(dout). (Autodiff of the loop would save a weight
+matrix per visited tile.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.common import cdiv
+
+
+def tile_plan(group_sizes: jax.Array, m: int, tm: int):
+    """The tiles to visit, in order: (group_ids [V], tile_ids [V], num_visits, starts [G], ends [G]),
+    V = cdiv(m, tm) + G - 1 (static bound), entries past num_visits unused."""
+    G = group_sizes.shape[0]
+    group_sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    first = starts // tm
+    count = jnp.where(group_sizes > 0, (ends - 1) // tm - first + 1, 0)
+    V = cdiv(m, tm) + G - 1
+    group_ids = jnp.repeat(jnp.arange(G, dtype=jnp.int32), count, total_repeat_length=V)
+    begin = jnp.cumsum(count) - count  # index of each group's first visit
+    tile_ids = first[group_ids] + jnp.arange(V, dtype=jnp.int32) - begin[group_ids]
+    return group_ids, tile_ids, count.sum(), starts, ends
+
+
+def varying_like(init: jax.Array, *refs: jax.Array) -> jax.Array:
+    """init, marked as varying over every manual mesh axis any of refs varies over: inside shard_map a loop
+    carry must keep one type, and the body's results vary wherever its inputs do."""
+    axes = set()
+    for r in refs:
+        axes |= set(jax.typeof(r).manual_axis_type.varying)
+    axes -= set(jax.typeof(init).manual_axis_type.varying)
+    return jax.lax.pcast(init, tuple(sorted(axes)), to="varying") if axes else init
+
+
+def _pad_rows(x: jax.Array, tm: int) -> jax.Array:
+    extra = cdiv(x.shape[0], tm) * tm - x.shape[0]
+    return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
+
+
+def _gmm(lhs, rhs, group_sizes, tm: int, transpose_rhs: bool):
+    """[M,K] x [G,K,N] (or [G,N,K]) -> [M,N] float32; rows outside every group are 0."""
+    m = lhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    group_ids, tile_ids, visits, starts, ends = tile_plan(group_sizes, m, tm)
+    lhs_p = _pad_rows(lhs, tm)
+    contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
+    row = jnp.arange(tm, dtype=jnp.int32)
+
+    def body(i, out):
+        g, r0 = group_ids[i], tile_ids[i] * tm
+        x = lax.dynamic_slice_in_dim(lhs_p, r0, tm)
+        w = lax.dynamic_index_in_dim(rhs, g, keepdims=False)
+        y = lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
+        rid = r0 + row
+        mine = ((rid >= starts[g]) & (rid < ends[g]))[:, None]
+        old = lax.dynamic_slice_in_dim(out, r0, tm)
+        return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), r0, 0)
+
+    init = varying_like(jnp.zeros((lhs_p.shape[0], n), jnp.float32), lhs, rhs, group_sizes)
+    out = lax.fori_loop(0, visits, body, init)
+    return out[:m]
+
+
+def _tgmm(lhs, dout, group_sizes, num_groups: int, tm: int):
+    """[M,K], [M,N] -> [G,K,N] float32: out[g] = lhs[rows of g].T @ dout[rows of g] (0 for empty groups)."""
+    m, k = lhs.shape
+    n = dout.shape[1]
+    group_ids, tile_ids, visits, starts, ends = tile_plan(group_sizes, m, tm)
+    lhs_p, dout_p = _pad_rows(lhs, tm), _pad_rows(dout, tm)
+    row = jnp.arange(tm, dtype=jnp.int32)
+
+    def body(i, acc):
+        g, r0 = group_ids[i], tile_ids[i] * tm
+        rid = r0 + row
+        mine = ((rid >= starts[g]) & (rid < ends[g]))[:, None]
+        x = jnp.where(mine, lax.dynamic_slice_in_dim(lhs_p, r0, tm), 0)
+        d = lax.dynamic_slice_in_dim(dout_p, r0, tm)
+        upd = lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return lax.dynamic_update_index_in_dim(acc, lax.dynamic_index_in_dim(acc, g, keepdims=False) + upd, g, 0)
+
+    init = varying_like(jnp.zeros((num_groups, k, n), jnp.float32), lhs, dout, group_sizes)
+    return lax.fori_loop(0, visits, body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def gmm_tiled(lhs, rhs, group_sizes, tm: int, transpose_rhs: bool, out_dtype):
+    """lhs [M,K], rhs [G,K,N] ([G,N,K] with transpose_rhs), group_sizes [G] int32 -> [M,N] out_dtype."""
+    return _gmm(lhs, rhs, group_sizes, tm, transpose_rhs).astype(out_dtype)
+
+
+def _fwd(lhs, rhs, group_sizes, tm, transpose_rhs, out_dtype):
+    return gmm_tiled(lhs, rhs, group_sizes, tm, transpose_rhs, out_dtype), (lhs, rhs, group_sizes)
+
+
+def _bwd(tm, transpose_rhs, out_dtype, res, dout):
+    lhs, rhs, group_sizes = res
+    dout = dout.astype(jnp.promote_types(lhs.dtype, rhs.dtype))
+    dlhs = _gmm(dout, rhs, group_sizes, tm, not transpose_rhs).astype(lhs.dtype)
+    if transpose_rhs:  # rhs [G,N,K]: drhs[g] = dout_g.T @ lhs_g
+        drhs = _tgmm(dout, lhs, group_sizes, rhs.shape[0], tm)
+    else:
+        drhs = _tgmm(lhs, dout, group_sizes, rhs.shape[0], tm)
+    return dlhs, drhs.astype(rhs.dtype), None
+
+
+gmm_tiled.defvjp(_fwd, _bwd)

@@ -1,0 +1,106 @@
+"""The model on 8 CPU devices: every mesh gives the unsharded logits, MTP logits and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import glmjax
+from glmjax.sharding import logical_to_spec, make_mesh, shard_model
+from tests.conftest import GOLDEN
+
+B, T = 8, 32
+
+
+def tiny_model(impl="reference", **opts):
+    cfg = glmjax.load_config(GOLDEN / "indexshare_freq" / "config.json")  # 7 layers, IndexShare, MTP, n_group 4
+    options = glmjax.ModelOptions(attention_impl=impl, interpret=impl != "reference", q_block=16, **opts)
+    return glmjax.GlmMoeDsa(cfg, options, rngs=nnx.Rngs(0))
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 160, (B, T)).astype(np.int32)
+    mask = np.ones((B, T), np.int32)
+    mask[1, :5] = 0  # left padding
+    mask[6, :11] = 0
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def loss_fn(model, ids, mask):
+    out = model(ids, mask)
+    logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    mlogp = jax.nn.log_softmax(out.mtp_logits[:, :-1], axis=-1)
+    mnll = -jnp.take_along_axis(mlogp, ids[:, 2:, None], axis=-1)[..., 0]
+    m = mask[:, 1:].astype(jnp.float32)
+    loss = jnp.sum(nll * m) / jnp.sum(m) + 0.3 * jnp.sum(mnll * m[:, 1:]) / jnp.sum(m[:, 1:])
+    return loss, out
+
+
+def run(model, ids, mask, mesh=None):
+    step = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))
+    if mesh is None:
+        return step(model, ids, mask)
+    shard_model(model, mesh)
+    spec = logical_to_spec(("batch", "seq"), ids.shape, mesh=mesh)
+    ids, mask = (jax.device_put(a, jax.NamedSharding(mesh, spec)) for a in (ids, mask))
+    with jax.set_mesh(mesh):
+        return step(model, ids, mask)
+
+
+def assert_same(got, want):
+    (loss, out), grads = got
+    (loss_ref, out_ref), grads_ref = want
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    real = np.asarray(batch()[1]).astype(bool)
+    np.testing.assert_allclose(np.asarray(out.logits)[real], np.asarray(out_ref.logits)[real], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.mtp_logits)[real[:, :-1]],
+                               np.asarray(out_ref.mtp_logits)[real[:, :-1]], atol=1e-5)
+    flat, flat_ref = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(grads_ref))
+    assert flat.keys() == flat_ref.keys()
+    for path, v in flat_ref.items():
+        a, b = np.asarray(flat[path][...]), np.asarray(v[...])
+        np.testing.assert_allclose(a, b, atol=1e-5 + 1e-4 * np.abs(b).max(), err_msg=str(path))
+
+
+MESHES = {
+    "data2_tensor4": {"data": 2, "tensor": 4},
+    "fsdp2_expert4": {"fsdp": 2, "expert": 4},
+    "context4_tensor2": {"context": 4, "tensor": 2},
+    "all_axes": {"data": 1, "fsdp": 1, "context": 2, "expert": 2, "tensor": 2},
+}
+
+_reference_cache = {}
+
+
+def reference(impl):
+    if impl not in _reference_cache:
+        _reference_cache[impl] = run(tiny_model(impl), *batch())
+    return _reference_cache[impl]
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("impl", ["reference", "pallas_tpu"])
+def test_mesh_matches_unsharded(impl, mesh_name):
+    mesh = make_mesh(MESHES[mesh_name])
+    assert_same(run(tiny_model(impl), *batch(), mesh=mesh), reference(impl))
+
+
+def test_pallas_matches_reference_unsharded():
+    (loss, out), _ = reference("pallas_tpu")
+    (loss_ref, out_ref), _ = reference("reference")
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(out_ref.logits), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["nothing", "layer_input", "attention"])
+def test_remat_policies_give_the_same_gradients(remat):
+    assert_same(run(tiny_model(remat=remat), *batch()), reference("reference"))
+
+
+def test_context_axis_must_divide_the_sequence():
+    ids = jnp.zeros((B, 36), jnp.int32)  # divisible by context 4, not by the 2 * 4 load-balanced chunks
+    with pytest.raises(ValueError, match="divisible by 2 \\* context"):
+        run(tiny_model(), ids, jnp.ones_like(ids), mesh=make_mesh({"context": 4, "tensor": 2}))
