@@ -159,7 +159,9 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=None, help="fewer routed experts (default: the config's)")
     ap.add_argument("--impl", default="pallas_tpu", choices=["reference", "pallas_tpu"])
     ap.add_argument("--remat", default="nothing", choices=["none", "nothing", "layer_input", "attention"])
-    ap.add_argument("--q-block", type=int, default=512)
+    ap.add_argument("--q-block", type=int, default=128)
+    ap.add_argument("--moe-capacity", type=float, default=1.25,
+                    help="MoE exchange slots per round, in multiples of uniform routing (more skew: more rounds)")
     args = ap.parse_args()
 
     cfg = glmjax.load_config(args.config)
@@ -171,11 +173,12 @@ def main() -> None:
     if changes:
         cfg = cfg.replace(**changes)
     opts = glmjax.ModelOptions(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=args.impl,
-                               q_block=args.q_block, remat=args.remat, moe_gmm_impl="megablox")
+                               q_block=args.q_block, remat=args.remat, moe_gmm_impl="megablox",
+                               moe_capacity_factor=args.moe_capacity)
     mesh = parse_mesh(args.mesh)
     print(f"{args.config}: {cfg.num_hidden_layers} layers + {cfg.num_nextn_predict_layers} MTP, "
           f"{cfg.n_routed_experts} experts; {args.batch} x {args.seq} tokens; {args.topology} mesh {mesh}; "
-          f"impl {args.impl}, remat {args.remat}")
+          f"impl {args.impl}, remat {args.remat}, q_block {args.q_block}, MoE capacity {args.moe_capacity}")
     _, report = compile_train_step(cfg, topology=args.topology, mesh_shape=mesh, batch=args.batch, seq=args.seq,
                                    options=opts)
     print(f"per chip ({report.chips} chips, {report.params / 1e9:.1f}B parameters):")

@@ -136,6 +136,26 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     return model
 
 
+# Parameter dims split only to save memory (FSDP): gathered whole where the parameter is used.
+GATHERED_AT_USE = frozenset({"embed", "mtp_in"})
+
+
+def gathered(variable: nnx.Variable) -> jax.Array:
+    """The variable's value with its FSDP dims (GATHERED_AT_USE) all-gathered; other dims keep their split.
+
+    Stating this at every use makes the FSDP pattern explicit: without it XLA may instead keep the weight
+    split and move the activations, whose token dim is split over the same mesh axes; in the backward of
+    the 753B step that materialised every device's tokens on each device (a [devices, tokens, D] buffer)."""
+    value = variable[...]
+    mesh = current_mesh()
+    if mesh is None:
+        return value
+    axes = tuple(variable.get_metadata()["logical_axes"])
+    axes = ("layers",) * (value.ndim - len(axes)) + axes
+    use = tuple(None if a in GATHERED_AT_USE else a for a in axes)
+    return jax.lax.with_sharding_constraint(value, logical_to_spec(use, mesh=mesh))
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op unless a mesh is set (`jax.set_mesh`)."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -113,6 +113,19 @@ class DecoderLayer(nnx.Module):
         return constrain(x, ("batch", "seq", "act_embed")), topk, attn_aux, stats
 
 
+def remat_layer(layer: DecoderLayer, remat: str, x, info: SequenceInfo, topk, keys: Keys | None = None):
+    """layer(x, info, topk, keys), as its own checkpoint unless remat is "none": the backward then
+    recomputes and holds one layer's intermediates at a time (LAYER_REMAT_POLICY says what it keeps)."""
+    if remat == "none":
+        return layer(x, info, topk, keys)
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x, info, topk, keys):
+        return nnx.merge(graphdef, state)(x, info, topk, keys)
+
+    return jax.checkpoint(run, policy=LAYER_REMAT_POLICY[remat], prevent_cse=False)(state, x, info, topk, keys)
+
+
 def indexer_kl(probs: list[jax.Array], index_logits: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """probs: head-summed attention [B,T,K] of each layer sharing the top-k; index_logits [B,T,K] (-inf in
     empty slots); valid [B,T] -> (sum over valid queries of KL(p || softmax(index_logits)), their count)."""
@@ -132,11 +145,12 @@ class LayerGroup(nnx.Module):
     def __init__(self, cfg: GlmMoeDsaConfig, opts: ModelOptions, kinds: tuple[LayerKind, ...], *,
                  rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, opts, k, rngs=rngs) for k in kinds])
+        self.remat = opts.remat
 
     def __call__(self, x: jax.Array, info: SequenceInfo) -> tuple[jax.Array, GroupAux]:
         topk, probs, logits, stats = None, [], None, []
         for layer in self.layers:
-            x, topk, attn_aux, moe_stats = layer(x, info, topk)
+            x, topk, attn_aux, moe_stats = remat_layer(layer, self.remat, x, info, topk)
             if attn_aux.index_logits is not None:
                 logits = attn_aux.index_logits
             if attn_aux.probs is not None:
@@ -151,11 +165,16 @@ class LayerGroup(nnx.Module):
         return x, GroupAux(moe, kl, n)
 
 
-REMAT_POLICY = {
+# Remat at two levels (ModelOptions.remat): every decoder layer is a checkpoint that saves what
+# LAYER_REMAT_POLICY allows, so a group's backward holds one layer's intermediates at a time; with "nothing"
+# the scanned group body is a checkpoint too, so the scan keeps only each group's input (GLM-5.2: 21 saved
+# [B, T, D] arrays instead of 79), at the price of recomputing the group's forward once more.
+LAYER_REMAT_POLICY = {
     "nothing": jax.checkpoint_policies.nothing_saveable,
-    "layer_input": jax.checkpoint_policies.save_only_these_names("layer_input"),
-    "attention": jax.checkpoint_policies.save_only_these_names("layer_input", "attention_out"),
+    "layer_input": jax.checkpoint_policies.nothing_saveable,  # the layer's input is the checkpoint's input
+    "attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
+GROUP_REMAT_POLICY = {"nothing": jax.checkpoint_policies.nothing_saveable}
 
 
 class LayerStack(nnx.Module):
@@ -178,6 +197,6 @@ class LayerStack(nnx.Module):
         def body(h, group_state):
             return nnx.merge(graphdef, group_state)(h, info)
 
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICY[self.remat], prevent_cse=False)
+        if self.remat in GROUP_REMAT_POLICY:
+            body = jax.checkpoint(body, policy=GROUP_REMAT_POLICY[self.remat], prevent_cse=False)
         return jax.lax.scan(body, x, state)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glmjax.sharding import gathered
+
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, *, std: float | None = None, fill: float = 0.0) -> nnx.Param:
     """A parameter with logical axis names: normal(std) when std is given, else the constant `fill`."""
@@ -34,7 +36,7 @@ class Linear(nnx.Module):
         self.weight = param(rngs, in_shape + out_shape, axes, param_dtype, std=std)
 
     def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
-        w = self.weight[...]
+        w = gathered(self.weight)
         n = self.n_in
         dims = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
         y = jax.lax.dot_general(
@@ -49,11 +51,12 @@ class Embed(nnx.Module):
         self.weight = param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype, std=std)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        return jnp.take(gathered(self.weight), ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: x @ embedding.T, float32 logits."""
-        return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        w = gathered(self.weight).astype(x.dtype)
+        return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):

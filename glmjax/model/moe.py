@@ -138,11 +138,17 @@ def _gmm(plan: _Plan, lhs, rhs, group_sizes, out_dtype=jnp.float32):
                           preferred_element_type=out_dtype)
 
 
+def _out_dtype(plan: _Plan):
+    """Expert outputs are kept in the activation dtype (they are [tokens * top_k, D], the MoE's largest
+    arrays), except partial sums over a split moe_mlp, which stay float32 until their psum."""
+    return jnp.float32 if plan.tp else plan.dtype
+
+
 def _ffn(plan: _Plan, xs, group_sizes, wg, wu, wd):
-    """Rows xs [R, D] sorted by local expert, group_sizes [El] -> [R, D] float32 (rows past the groups: 0).
-    With moe_mlp split over tp, a partial sum."""
+    """Rows xs [R, D] sorted by local expert, group_sizes [El] -> [R, D] in _out_dtype (rows past the groups:
+    0). With moe_mlp split over tp, a partial sum."""
     h = jax.nn.silu(_gmm(plan, xs, wg, group_sizes)) * _gmm(plan, xs, wu, group_sizes)
-    return _gmm(plan, h.astype(plan.dtype), wd, group_sizes)
+    return _gmm(plan, h.astype(plan.dtype), wd, group_sizes, out_dtype=_out_dtype(plan))
 
 
 def _psum(x, axes):
@@ -152,7 +158,7 @@ def _psum(x, axes):
 def _exchange_round(plan: _Plan, r, xs, sorted_expert, dest_start, dest_count, wg, wu, wd):
     """Round r of the EP exchange: for each destination j, this device's rows dest_start[j] + r*slot + [0,
     slot) of its expert-sorted rows xs [M, D] (those inside j's range) go to j; j runs them through its
-    experts and sends the results back. -> [M, D] float32: the results of this round's rows, 0 elsewhere."""
+    experts and sends the results back. -> [M, D] in _out_dtype: this round's rows' results, 0 elsewhere."""
     M = xs.shape[0]
     n_ep, slot = plan.n_ep, plan.slot
     El = plan.num_experts // n_ep
@@ -168,19 +174,23 @@ def _exchange_round(plan: _Plan, r, xs, sorted_expert, dest_start, dest_count, w
     perm = jnp.argsort(recv_e, stable=True)
     group_sizes = jnp.bincount(recv_e, length=El).astype(jnp.int32)  # empty slots (El) are not counted
     out = _ffn(plan, recv_x[perm], group_sizes, wg, wu, wd)
-    back = jnp.zeros_like(out).at[perm].set(out).reshape(n_ep, slot, -1)
+    # Scatters with distinct indices (a permutation; empty slots to distinct out-of-range rows) lower to plain
+    # writes, not to the read-modify-write loops a possibly-colliding scatter-add needs on TPU.
+    back = jnp.zeros_like(out).at[perm].set(out, unique_indices=True).reshape(n_ep, slot, -1)
     back = jax.lax.all_to_all(back, plan.ep, 0, 0, tiled=True)  # [n_ep, slot, D]: results of my rows
-    return jnp.zeros((M, back.shape[-1]), jnp.float32).at[jnp.where(ok, idx, M)].add(back, mode="drop")
+    dest = jnp.where(ok, idx, M + jnp.arange(n_ep * slot, dtype=jnp.int32).reshape(n_ep, slot))
+    return jnp.zeros((M, back.shape[-1]), back.dtype).at[dest].set(back, mode="drop", unique_indices=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ep_experts(plan: _Plan, xs, wg, wu, wd, sorted_expert, dest_start, dest_count, rounds):
-    """Expert outputs [M, D] float32 of this device's expert-sorted rows xs [M, D], served by the EP group in
-    `rounds` exchange rounds (a traced count: a while loop, hence the custom_vjp)."""
+    """Expert outputs [M, D] (_out_dtype) of this device's expert-sorted rows xs [M, D], served by the EP group
+    in `rounds` exchange rounds (a traced count: a while loop, hence the custom_vjp). Each row is served in
+    exactly one round, so accumulating the rounds in the activation dtype adds only zeros."""
     def body(r, acc):
         return acc + _exchange_round(plan, r, xs, sorted_expert, dest_start, dest_count, wg, wu, wd)
 
-    init = varying_like(jnp.zeros(xs.shape, jnp.float32), xs, wg, wu, wd, sorted_expert, dest_count)
+    init = varying_like(jnp.zeros(xs.shape, _out_dtype(plan)), xs, wg, wu, wd, sorted_expert, dest_count)
     return jax.lax.fori_loop(0, rounds, body, init)
 
 
@@ -232,10 +242,8 @@ def _routed_local(cfg: GlmMoeDsaConfig, plan: _Plan, x, valid, w_router, bias, w
         # can differ only across devices holding different tokens.
         rounds = jax.lax.pmax(need, plan.token_axes) if plan.token_axes else need
         ys = _ep_experts(plan, xs, wg, wu, wd, flat[order], dest_start, dest_count, rounds)
-    if not plan.tp:
-        ys = ys.astype(plan.dtype)  # as the unsharded model always did; partial sums stay float32
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, D)  # back to (token, slot) order
-    routed = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), routing.weights)
+    y = ys[jnp.argsort(order)].reshape(n, k, D)  # back to (token, slot) order: a gather, not a scatter
+    routed = jnp.einsum("nkd,nk->nd", y, routing.weights.astype(y.dtype), preferred_element_type=jnp.float32)
     routed = _psum(routed, plan.tp).reshape(b, t, D)
 
     hits = jnp.sum(jax.nn.one_hot(routing.experts, E, dtype=jnp.float32), axis=1)  # [n, E]

@@ -14,9 +14,10 @@ from flax import nnx
 
 from glmjax.config import GlmMoeDsaConfig
 from glmjax.model.attention import Keys, SequenceInfo
-from glmjax.model.decoder import DecoderLayer, GroupAux, LayerKind, indexer_kl
+from glmjax.model.decoder import DecoderLayer, GroupAux, LayerKind, indexer_kl, remat_layer
 from glmjax.model.layers import Linear, RMSNorm
 from glmjax.model.options import ModelOptions
+from glmjax.sharding import constrain
 
 
 class SharedHead(nnx.Module):
@@ -33,6 +34,7 @@ class MTPLayer(nnx.Module):
                               param_dtype=opts.param_dtype, rngs=rngs)
         self.decoder = DecoderLayer(cfg, opts, LayerKind("sparse", True), rngs=rngs)
         self.shared_head = SharedHead(cfg, opts)
+        self.remat = opts.remat
 
     def __call__(self, next_embeds: jax.Array, h: jax.Array, info: SequenceInfo, topk: jax.Array | None = None,
                  keys: Keys | None = None) -> tuple[jax.Array, jax.Array, GroupAux]:
@@ -40,8 +42,9 @@ class MTPLayer(nnx.Module):
         shared_head.norm of it (ready for the main lm_head), GroupAux of the layer).
 
         topk / keys: a later draft step's reuse of the first step's selection and KV (see MLAttention)."""
-        x = self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(h)], axis=-1))
-        out, _, attn_aux, stats = self.decoder(x, info, topk, keys)
+        both = constrain(jnp.concatenate([self.enorm(next_embeds), self.hnorm(h)], axis=-1), ("batch", "seq", None))
+        x = constrain(self.eh_proj(both), ("batch", "seq", "act_embed"))
+        out, _, attn_aux, stats = remat_layer(self.decoder, self.remat, x, info, topk, keys)
         if attn_aux.probs is not None and attn_aux.index_logits is not None:
             kl, n = indexer_kl([attn_aux.probs], attn_aux.index_logits, info.valid)
         else:

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 AttentionImpl = Literal["reference", "pallas", "pallas_tpu", "pallas_gpu"]
 ATTENTION_IMPLS: tuple[str, ...] = ("reference", "pallas", "pallas_tpu", "pallas_gpu")
 
-# What the backward pass keeps of each scanned IndexShare group's forward (jax.checkpoint policies):
-#   "none": no remat, everything is saved; "nothing": only the group's input (the scan carry) is saved;
-#   "layer_input": each decoder layer's input; "attention": each layer's input and attention output.
+# What the backward pass keeps of the forward (jax.checkpoint policies, decoder.py): "none": everything;
+#   "nothing": only each scanned IndexShare group's input (each layer's forward then runs three times);
+#   "layer_input": each decoder layer's input (twice); "attention": each layer's input and attention output.
+# In every policy but "none" the backward holds one layer's intermediates at a time.
 Remat = Literal["none", "nothing", "layer_input", "attention"]
 REMAT_POLICIES: tuple[str, ...] = ("none", "nothing", "layer_input", "attention")
 

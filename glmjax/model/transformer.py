@@ -149,7 +149,9 @@ class GlmMoeDsa(nnx.Module):
         to_model = lambda a: to_model_order(a, cp)  # noqa: E731
         info = self.sequence_info(*map(to_model, (positions, token_index, doc_start, valid)))
 
-        x = constrain(self.embed_tokens(to_model(input_ids)), ("batch", "seq", "act_embed"))
+        # The token ids are split over the sequence before the lookup, so no device embeds the whole sequence.
+        tokens = constrain(to_model(input_ids), ("batch", "seq"))
+        x = constrain(self.embed_tokens(tokens), ("batch", "seq", "act_embed"))
         auxes = []
         for stack in self.stacks:
             x, aux = stack(x, info)
@@ -163,7 +165,8 @@ class GlmMoeDsa(nnx.Module):
             next_ids = jnp.concatenate([input_ids[:, 1:], input_ids[:, :1]], axis=1)
             next_valid = jnp.concatenate([valid[:, 1:], jnp.zeros((B, 1), bool)], axis=1) & same_doc_next
             mtp_info = info._replace(valid=info.valid & to_model(next_valid))
-            next_embeds = constrain(self.embed_tokens(to_model(next_ids)), ("batch", "seq", "act_embed"))
+            next_tokens = constrain(to_model(next_ids), ("batch", "seq"))
+            next_embeds = constrain(self.embed_tokens(next_tokens), ("batch", "seq", "act_embed"))
             _, mtp_hidden, group_aux = self.mtp[0](next_embeds, hidden, mtp_info)
             mtp_aux = _join([jax.tree.map(lambda a: a[None], group_aux)])
         return BackboneOutput(hidden, mtp_hidden, _join(auxes), mtp_aux, order)

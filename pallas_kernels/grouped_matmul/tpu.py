@@ -27,6 +27,8 @@ def gmm_megablox(lhs, rhs, group_sizes, *, transpose_rhs: bool, out_dtype, inter
     valid = (jnp.arange(mp) < jnp.sum(group_sizes))[:, None]
     x = jnp.where(valid, jnp.pad(lhs, ((0, mp - m), (0, 0))), 0)
     dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
-    y = gmm(x.astype(dtype), rhs.astype(dtype), group_sizes.astype(jnp.int32), jnp.float32,
+    # The kernel accumulates in float32 whatever it returns: asking for out_dtype directly keeps the output
+    # and its cotangent (the backward's [M, N] input) out of float32 when out_dtype is bf16.
+    y = gmm(x.astype(dtype), rhs.astype(dtype), group_sizes.astype(jnp.int32), jnp.dtype(out_dtype),
             (TM, _tile(k), _tile(n)), None, None, transpose_rhs, interpret)
-    return jnp.where(valid, y, 0)[:m].astype(out_dtype)
+    return jnp.where(valid, y, 0)[:m]
