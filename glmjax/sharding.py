@@ -158,8 +158,8 @@ def gathered(variable: nnx.Variable) -> jax.Array:
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op unless a mesh is set (`jax.set_mesh`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
+    mesh = current_mesh()
+    if mesh is None:
         return x
     spec = logical_to_spec(axes, None, mesh=mesh)
     return jax.lax.with_sharding_constraint(x, spec)
@@ -182,10 +182,3 @@ def mesh_axes(name: str, mesh) -> tuple[str, ...]:
 def mesh_size(axes: Sequence[str], mesh) -> int:
     return 1 if mesh is None else math.prod(dict(mesh.shape)[a] for a in axes)
 
-
-def specs_for(arrays, axes, mesh, what: str):
-    """PartitionSpecs for a pytree of arrays (None leaves allowed) given a matching pytree of logical axis
-    tuples; a dim that its mesh axes do not divide is an error naming `what`."""
-    return jax.tree.map(
-        lambda x, a: logical_to_spec(a, x.shape, mesh=mesh, what=what), arrays, axes,
-        is_leaf=lambda a: isinstance(a, tuple) and all(n is None or isinstance(n, str) for n in a))

@@ -35,7 +35,7 @@ from glmjax.config import GlmMoeDsaConfig
 from glmjax.model.layers import param
 from glmjax.model.mlp import MLP
 from glmjax.model.options import ModelOptions
-from glmjax.sharding import logical_to_spec
+from glmjax.sharding import current_mesh, logical_to_spec
 from pallas_kernels.grouped_matmul import check_impl, grouped_matmul
 from pallas_kernels.grouped_matmul.cpu import varying_like
 
@@ -300,8 +300,8 @@ class MoE(nnx.Module):
         ex, gate = self.experts, self.gate
         weights = (gate.weight[...], gate.e_score_correction_bias[...], ex.gate_proj[...], ex.up_proj[...],
                    ex.down_proj[...])
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh is None or mesh.empty:
+        mesh = current_mesh()
+        if mesh is None:
             routed, stats = _routed_local(self.cfg, plan, x, valid, *weights)
         else:
             routed, stats = self._sharded(plan, mesh, x, valid, weights)
