@@ -4,7 +4,8 @@
 name and with the same default; fields it does not know are kept verbatim in `extra`, so
 `GlmMoeDsaConfig.from_hf_dict(d).to_hf_dict()` writes back what was read. Derived values (the per-layer
 indexer and MLP schedules, the rope parameters, the FP8 block size) are computed exactly as transformers
-derives them and validated once, here; model code never reads raw JSON.
+derives them and validated once, here; model code never reads raw JSON. Validation is declarative: every
+field has a `Rule` in FIELD_RULES (type, null, range), then `_validate` checks relations between fields.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from glmjax.errors import ConfigError
+from glmjax.files import read_text
+
+__all__ = ["ConfigError", "Fp8Spec", "GlmMoeDsaConfig", "RopeSpec", "Rule", "load_config"]
+
 MODEL_TYPE = "glm_moe_dsa"
-
-
-class ConfigError(ValueError):
-    """A config.json that glmjax cannot run; the message names the offending field."""
+# The schedules are Python tuples of num_hidden_layers entries, built while the config is validated (before
+# any checkpoint is looked at): a bound keeps a typo from building a billion-entry tuple. GLM-5.2 has 78.
+MAX_LAYERS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,71 @@ class Fp8Spec:
 
 def _tuple_or_none(v: Any) -> tuple | None:
     return None if v is None else tuple(v)
+
+
+# Python ints and floats only (what json gives): a numpy scalar would pass here and fail in to_json.
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one config value may be: its JSON kind, whether null is allowed, and for numbers (each element of
+    a list of ints) the range. Floats must also be finite: json reads NaN and Infinity without complaint."""
+
+    kind: Literal["int", "float", "bool", "str", "ints", "strs", "str|strs", "int|ints", "object"]
+    optional: bool = False
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def _range(self) -> str:
+        lo = f">= {self.ge}" if self.ge is not None else f"> {self.gt}" if self.gt is not None else ""
+        hi = f"<= {self.le}" if self.le is not None else f"< {self.lt}" if self.lt is not None else ""
+        return " and ".join(b for b in (lo, hi) if b)
+
+    def _in_range(self, v: float) -> bool:
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def check(self, name: str, v: Any) -> None:
+        """Raises ConfigError naming `name` unless `v` fits the rule."""
+        if v is None:
+            if self.optional:
+                return
+            raise ConfigError(f"{name}: must not be null")
+        kinds = self.kind.split("|")
+        seq = isinstance(v, list | tuple)
+        if "int" in kinds and _is_int(v) or "ints" in kinds and seq and all(_is_int(x) for x in v):
+            values = list(v) if seq else [v]
+        elif "float" in kinds and _is_number(v):
+            if not math.isfinite(v):
+                raise ConfigError(f"{name}: must be a finite number, got {v!r}")
+            values = [v]
+        elif ("bool" in kinds and isinstance(v, bool) or "str" in kinds and isinstance(v, str)
+              or "strs" in kinds and seq and all(isinstance(x, str) for x in v)
+              or "object" in kinds and isinstance(v, Mapping)):
+            return
+        else:
+            want = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                    "ints": "a list of integers", "strs": "a list of strings", "object": "a JSON object"}
+            raise ConfigError(f"{name}: expected {' or '.join(want[k] for k in kinds)}, got "
+                              f"{type(v).__name__} {v!r}")
+        bad = [x for x in values if not self._in_range(x)]
+        if bad:
+            raise ConfigError(f"{name}: must be {self._range()}, got {bad[0]!r}")
+
+
+def _check_fields(obj: Mapping[str, Any], rules: Mapping[str, Rule], prefix: str = "") -> None:
+    """Checks every key of `obj` that `rules` knows; keys it does not know pass (kept for the round trip)."""
+    for key, rule in rules.items():
+        if key in obj:
+            rule.check(prefix + key, obj[key])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +180,15 @@ class GlmMoeDsaConfig:
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        # Types and ranges first, field by field (FIELD_RULES), so that a string where a list belongs is
+        # reported as such instead of being split into characters below.
+        _check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, FIELD_RULES)
+        for name, rules in (("rope_parameters", ROPE_RULES), ("rope_scaling", ROPE_RULES),
+                            ("quantization_config", QUANT_RULES)):
+            if getattr(self, name) is not None:
+                _check_fields(getattr(self, name), rules, name + ".")
+        if not isinstance(self.extra, Mapping):
+            raise ConfigError(f"extra: expected a mapping, got {type(self.extra).__name__}")
         for name in ("rope_parameters", "rope_scaling", "quantization_config", "extra"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, MappingProxyType):
@@ -179,7 +258,7 @@ class GlmMoeDsaConfig:
             )
         if "factor" not in params:
             raise ConfigError("rope_parameters.factor: required for yarn rope")
-        omax = params.get("original_max_position_embeddings", self.max_position_embeddings)
+        omax = params.get("original_max_position_embeddings") or self.max_position_embeddings
         return RopeSpec(
             "yarn",
             float(theta),
@@ -216,13 +295,9 @@ class GlmMoeDsaConfig:
         def err(field: str, msg: str) -> ConfigError:
             return ConfigError(f"{field}: {msg}")
 
+        # Types and single-field ranges were checked by FIELD_RULES; these checks relate fields.
         if self.model_type != MODEL_TYPE:
             raise err("model_type", f"{self.model_type!r} is not {MODEL_TYPE!r}")
-        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                  "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "index_topk",
-                  "index_head_dim", "index_n_heads", "moe_intermediate_size", "intermediate_size"):
-            if getattr(self, f) <= 0:
-                raise err(f, f"must be positive, got {getattr(self, f)}")
         if self.num_nextn_predict_layers not in (0, 1):
             # GLM-5.x ships one MTP layer and drafts several tokens by reusing it; a stack of distinct MTP
             # layers (DeepSeek-V3's layout) is not in any GLM checkpoint and is not implemented.
@@ -290,6 +365,8 @@ class GlmMoeDsaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> GlmMoeDsaConfig:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"expected a JSON object of config fields, got {type(d).__name__}")
         d = dict(d)
         if d.get("model_type") != MODEL_TYPE:
             raise ConfigError(f"model_type: {d.get('model_type')!r} is not {MODEL_TYPE!r}")
@@ -300,27 +377,20 @@ class GlmMoeDsaConfig:
         if "dtype" not in known and "torch_dtype" in d:
             known["dtype"] = d["torch_dtype"]
         extra = {k: v for k, v in d.items() if k not in names}
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for k, v in known.items():
-            t = str(types[k])
-            if (t == "int" and (not isinstance(v, int) or isinstance(v, bool))) or (
-                t == "float" and not isinstance(v, int | float)
-            ) or (t == "bool" and not isinstance(v, bool)):
-                raise ConfigError(f"{k}: expected {t}, got {type(v).__name__} {v!r}")
-        return cls(**known, extra=extra)
+        return cls(**known, extra=extra)  # __post_init__ checks every field against FIELD_RULES
 
     @classmethod
     def from_json(cls, path: str | Path) -> GlmMoeDsaConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
+        text = read_text(path, ConfigError)  # a missing file, a FIFO or a directory: an error naming it
         try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config.json: not found at {path}") from None
+            return cls.from_hf_dict(json.loads(text))
         except json.JSONDecodeError as e:
-            raise ConfigError(f"config.json: {path} is not valid JSON ({e})") from None
-        return cls.from_hf_dict(d)
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except ConfigError as e:  # name the file as well as the field
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -381,6 +451,50 @@ class GlmMoeDsaConfig:
             m = yarn_mscale(rope.factor, rope.mscale_all_dim)
             scale *= m * m
         return scale
+
+
+# One rule per config field (the coverage is checked below): types, null, ranges. Relations between fields
+# (divisibility, schedule lengths, head dims) are GlmMoeDsaConfig._validate's.
+_POS, _COUNT, _OPT_COUNT = Rule("int", ge=1), Rule("int", ge=0), Rule("int", optional=True, ge=0)
+_FLAG, _STRS = Rule("bool"), Rule("strs", optional=True)
+# The base of rope's geometric frequencies: <= 1 gives no rotation spectrum, and yarn divides by log(theta).
+_THETA = Rule("float", optional=True, gt=1)
+FIELD_RULES: Mapping[str, Rule] = MappingProxyType({
+    "vocab_size": _POS, "hidden_size": _POS, "intermediate_size": _POS, "moe_intermediate_size": _POS,
+    "num_hidden_layers": Rule("int", ge=1, le=MAX_LAYERS), "num_attention_heads": _POS,
+    "num_key_value_heads": _POS, "n_shared_experts": _COUNT, "n_routed_experts": _POS,
+    "routed_scaling_factor": Rule("float", gt=0), "kv_lora_rank": _POS, "q_lora_rank": _POS,
+    "qk_rope_head_dim": _POS, "v_head_dim": _POS, "qk_nope_head_dim": _POS, "n_group": _POS, "topk_group": _POS,
+    "num_experts_per_tok": _POS, "norm_topk_prob": _FLAG, "hidden_act": Rule("str"),
+    "max_position_embeddings": _POS, "initializer_range": Rule("float", ge=0), "rms_norm_eps": Rule("float", gt=0),
+    "pad_token_id": _OPT_COUNT, "bos_token_id": _OPT_COUNT, "eos_token_id": Rule("int|ints", optional=True, ge=0),
+    "tie_word_embeddings": _FLAG, "attention_bias": _FLAG, "attention_dropout": Rule("float", ge=0, lt=1),
+    "index_topk": _POS, "index_head_dim": _POS, "index_n_heads": _POS, "mlp_bias": _FLAG,
+    "head_dim": Rule("int", optional=True, ge=1), "first_k_dense_replace": _COUNT, "indexer_types": _STRS,
+    "index_topk_pattern": Rule("str|strs", optional=True), "index_topk_freq": _OPT_COUNT,
+    "index_skip_topk_offset": _OPT_COUNT, "mlp_layer_types": _STRS, "layer_types": _STRS,
+    "rope_parameters": Rule("object", optional=True), "rope_theta": _THETA,
+    "rope_scaling": Rule("object", optional=True), "num_nextn_predict_layers": _COUNT,
+    "quantization_config": Rule("object", optional=True), "model_type": Rule("str"), "architectures": _STRS,
+    "dtype": Rule("str", optional=True),
+})
+# Keys of rope_parameters / rope_scaling that glmjax reads (others are kept, unread).
+ROPE_RULES: Mapping[str, Rule] = MappingProxyType({
+    "rope_type": Rule("str"), "type": Rule("str"), "rope_theta": _THETA,
+    "factor": Rule("float", gt=0), "original_max_position_embeddings": Rule("int", optional=True, ge=1),
+    "attention_factor": Rule("float", optional=True, gt=0), "mscale": Rule("float", optional=True),
+    "mscale_all_dim": Rule("float", optional=True),
+    # 0 or null means the default (32 / 1), as in transformers.
+    "beta_fast": Rule("float", optional=True, ge=0), "beta_slow": Rule("float", optional=True, ge=0),
+    "truncate": Rule("bool", optional=True),
+})
+QUANT_RULES: Mapping[str, Rule] = MappingProxyType({
+    "quant_method": Rule("str"), "fmt": Rule("str"), "weight_block_size": Rule("ints", ge=1),
+    "activation_scheme": Rule("str", optional=True),
+})
+_unruled = ({f.name for f in dataclasses.fields(GlmMoeDsaConfig)} - {"extra"}) ^ set(FIELD_RULES)
+if _unruled:  # a new field must say what it accepts
+    raise AssertionError(f"config fields without a Rule (or Rules without a field): {sorted(_unruled)}")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -21,6 +21,7 @@ from glmjax.config import GlmMoeDsaConfig
 from glmjax.model.attention import SequenceInfo
 from glmjax.model.context import balanced_order, to_model_order, to_natural_order
 from glmjax.model.decoder import GroupAux, LayerStack, plan_segments
+from glmjax.model.inputs import check_inputs
 from glmjax.model.layers import Embed, Linear, RMSNorm
 from glmjax.model.moe import MoEStats
 from glmjax.model.mtp import MTPLayer
@@ -129,7 +130,9 @@ class GlmMoeDsa(nnx.Module):
                  mtp: bool = True) -> BackboneOutput:
         """input_ids [B,T] int32 in natural order; attention_mask [B,T] (1 = real token); positions [B,T]
         (default: counted over real tokens, restarting per document); segment_ids [B,T] int32 (packed
-        documents: runs of equal ids; 0 = padding) -> BackboneOutput (model order)."""
+        documents: runs of equal ids; 0 = padding) -> BackboneOutput (model order). Arguments are checked by
+        model/inputs.py (token id values in eager calls only)."""
+        check_inputs(self.config, input_ids, attention_mask, positions, segment_ids)
         B, T = input_ids.shape
         valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         token_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

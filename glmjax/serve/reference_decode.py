@@ -15,13 +15,15 @@ import numpy as np
 from flax import nnx
 
 from glmjax.model import GlmMoeDsa
+from glmjax.model.inputs import check_prompts
 
 
 def greedy_decode_reference(model: GlmMoeDsa, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                             eos_token_ids: Sequence[int] = ()) -> list[list[int]]:
-    """Greedy continuations (without the prompt) of each prompt; a row stops after its first EOS token."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("greedy_decode_reference: every prompt needs at least one token")
+    """Greedy continuations (without the prompt) of each prompt; a row stops after its first EOS token.
+    Prompts and max_new_tokens are checked first (InputError), ids against the vocabulary included: the
+    forward below is jitted and cannot check values itself."""
+    check_prompts(model.config, prompts, max_new_tokens)
     B, P = len(prompts), max(len(p) for p in prompts)
     L = P + max_new_tokens
     ids = np.zeros((B, L), np.int32)

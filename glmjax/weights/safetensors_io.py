@@ -8,12 +8,17 @@ Format: 8-byte little-endian header length N, N bytes of JSON header, then the r
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from glmjax.errors import CheckpointError
+from glmjax.files import open_regular
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -22,48 +27,85 @@ DTYPES: dict[str, np.dtype] = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+# The reference implementation's limit: a header is a few hundred KB even for a 5 GB shard of GLM-5.2.
+MAX_HEADER_BYTES = 100 * 2**20
 
 
-class SafetensorsFormatError(ValueError):
-    pass
+class SafetensorsFormatError(CheckpointError):
+    """A file that is not valid safetensors; the message starts with its path."""
+
+
+def _uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class SafetensorsFile:
-    """A memory-mapped safetensors file: `keys()`, `shape(k)`, `dtype(k)`, `tensor(k)` (a read-only view)."""
+    """A memory-mapped safetensors file: `keys()`, `shape(k)`, `dtype(k)`, `tensor(k)` (a read-only view).
+
+    The header is checked as the reference `safetensors` library checks it: unique names, known dtypes,
+    integer shapes and offsets, and byte ranges that tile the data exactly (no overlap, no gap, nothing
+    past the end or after the last tensor), so no two tensors alias the same bytes."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        file_size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
+        with open_regular(self.path, SafetensorsFormatError) as f:  # a FIFO or directory: error, not a hang
+            file_size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) != 8:
                 raise SafetensorsFormatError(f"{self.path}: too short to be a safetensors file")
             (n,) = struct.unpack("<Q", head)
-            if n > file_size - 8:  # a corrupt length must not make us allocate n bytes
-                raise SafetensorsFormatError(f"{self.path}: header length {n} exceeds the file size {file_size}")
+            if n > min(file_size - 8, MAX_HEADER_BYTES):  # a corrupt length must not make us allocate n bytes
+                raise SafetensorsFormatError(f"{self.path}: header length {n} exceeds the file size {file_size} "
+                                             f"or the {MAX_HEADER_BYTES}-byte limit")
             try:
-                header = json.loads(f.read(n))
+                header = json.loads(f.read(n), object_pairs_hook=self._unique_keys)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SafetensorsFormatError(f"{self.path}: unreadable safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise SafetensorsFormatError(f"{self.path}: safetensors header is not a JSON object")
-        header.pop("__metadata__", None)
+        if not isinstance(header.pop("__metadata__", {}), dict):
+            raise SafetensorsFormatError(f"{self.path}: __metadata__ is not a JSON object")
         self._header = header
         self._offset = 8 + n
         self._mmap: np.memmap | None = None
-        size = file_size - self._offset
-        for k, info in header.items():
+        self._check_entries(file_size - self._offset)
+
+    def _unique_keys(self, pairs: list[tuple[str, object]]) -> dict:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            dup = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+            raise SafetensorsFormatError(f"{self.path}: the header names {dup!r} twice")
+        return out
+
+    def _check_entries(self, size: int) -> None:
+        ranges = []
+        for k, info in self._header.items():
             if not isinstance(info, dict):
                 raise SafetensorsFormatError(f"{self.path}: malformed header entry for {k!r}")
             if info.get("dtype") not in DTYPES:
                 raise SafetensorsFormatError(f"{self.path}: tensor {k!r} has unsupported dtype {info.get('dtype')}")
-            try:
-                begin, end = (int(x) for x in info["data_offsets"])
-                need = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
-            except (KeyError, TypeError, ValueError) as e:
-                raise SafetensorsFormatError(f"{self.path}: malformed header entry for {k!r} ({e!r})") from None
-            if begin < 0 or end - begin != need or end > size:
-                raise SafetensorsFormatError(f"{self.path}: tensor {k!r} has inconsistent offsets {begin}..{end}")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+                raise SafetensorsFormatError(f"{self.path}: tensor {k!r}: shape must be a list of non-negative "
+                                             f"integers, got {shape!r}")
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(_uint(o) for o in offsets):
+                raise SafetensorsFormatError(f"{self.path}: tensor {k!r}: data_offsets must be two non-negative "
+                                             f"integers, got {offsets!r}")
+            begin, end = offsets
+            need = math.prod(shape) * DTYPES[info["dtype"]].itemsize  # Python ints: no overflow
+            if end - begin != need or end > size:
+                raise SafetensorsFormatError(f"{self.path}: tensor {k!r} has inconsistent offsets {begin}..{end} "
+                                             f"({need} bytes for {shape} {info['dtype']}, {size} data bytes)")
+            ranges.append((begin, end, k))
+        pos, prev = 0, None
+        for begin, end, k in sorted(ranges):
+            if begin < pos:
+                raise SafetensorsFormatError(f"{self.path}: tensors {prev!r} and {k!r} overlap (bytes {begin}..{pos})")
+            if begin > pos:
+                raise SafetensorsFormatError(f"{self.path}: {begin - pos} unused bytes before tensor {k!r}")
+            pos, prev = end, k
+        if pos != size:
+            raise SafetensorsFormatError(f"{self.path}: {size - pos} bytes after the last tensor")
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -75,9 +117,11 @@ class SafetensorsFile:
         return DTYPES[self._header[key]["dtype"]]
 
     def tensor(self, key: str) -> np.ndarray:
+        begin, end = self._header[key]["data_offsets"]
+        if begin == end:  # an empty tensor (and a file of only empty ones cannot be memory-mapped)
+            return np.empty(self.shape(key), self.dtype(key))
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._offset)
-        begin, end = self._header[key]["data_offsets"]
         return self._mmap[begin:end].view(self.dtype(key)).reshape(self.shape(key))
 
 
