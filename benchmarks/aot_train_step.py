@@ -115,10 +115,10 @@ def compile_train_step(cfg: glmjax.GlmMoeDsaConfig, *, topology: str, mesh_shape
         w = to_model_order(jnp.broadcast_to(jnp.arange(seq) < seq - 1, ids.shape).astype(jnp.float32), cp)
         lm, n = chunked_cross_entropy(m.head, out.hidden, labels, w, chunk=loss_chunk)
         loss = lm / n
-        if out.mtp_hidden is not None:
-            labels2 = to_model_order(jnp.concatenate([ids[:, 2:], ids[:, :2]], axis=1), cp)
-            w2 = to_model_order(jnp.broadcast_to(jnp.arange(seq) < seq - 2, ids.shape).astype(jnp.float32), cp)
-            mtp, n2 = chunked_cross_entropy(m.head, out.mtp_hidden, labels2, w2, chunk=loss_chunk)
+        for s, mtp_hidden in enumerate(out.mtp_hidden):
+            labels2 = to_model_order(jnp.concatenate([ids[:, 2 + s:], ids[:, :2 + s]], axis=1), cp)
+            w2 = to_model_order(jnp.broadcast_to(jnp.arange(seq) < seq - 2 - s, ids.shape).astype(jnp.float32), cp)
+            mtp, n2 = chunked_cross_entropy(m.head, mtp_hidden, labels2, w2, chunk=loss_chunk)
             loss = loss + mtp_weight * mtp / n2
         return loss
 
@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--impl", default="pallas_tpu", choices=["reference", "pallas_tpu"])
     ap.add_argument("--remat", default="nothing", choices=["none", "nothing", "layer_input", "attention"])
     ap.add_argument("--q-block", type=int, default=128)
-    ap.add_argument("--moe-capacity", type=float, default=1.25,
+    ap.add_argument("--moe-capacity", type=float, default=0.625,
                     help="MoE exchange slots per round, in multiples of uniform routing (more skew: more rounds)")
     args = ap.parse_args()
 

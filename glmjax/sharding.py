@@ -24,9 +24,14 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     # activations. Outside the MoE the expert axis is one more data-parallel axis; context splits the sequence.
     "batch": ("data", "fsdp", "expert"),
     "seq": ("context",),
+    # The residual stream between sublayers also splits the sequence over tensor (sequence parallelism):
+    # tensor-parallel sublayers gather it at entry and reduce-scatter their output, so the saved layer
+    # inputs and the residual adds take 1/tensor of the memory of a tensor-replicated stream.
+    "res_seq": ("context", "tensor"),
     "act_heads": ("tensor",),
     "act_index_heads": ("tensor",),
     "act_embed": (),
+    "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
     # parameters: fully sharded (FSDP) over every axis that does not split them otherwise.
     "layers": (),
@@ -163,6 +168,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(axes, None, mesh=mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def residual(x: jax.Array) -> jax.Array:
+    """Constrains the residual stream x [B,T,D] to ("batch", "res_seq", "act_embed"); when T does not divide
+    over res_seq (a decode step's few tokens) to ("batch", "seq", "act_embed"), the layout of the sublayers."""
+    mesh = current_mesh()
+    if mesh is None:
+        return x
+    n = mesh_size(mesh_axes("res_seq", mesh), mesh)
+    return constrain(x, ("batch", "res_seq" if x.shape[1] % n == 0 else "seq", "act_embed"))
 
 
 def current_mesh() -> jax.sharding.AbstractMesh | None:

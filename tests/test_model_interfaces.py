@@ -124,3 +124,40 @@ def test_packed_documents_equal_separate_runs(impl):
         np.testing.assert_allclose(np.asarray(out.mtp_logits[:, start:start + n - 1]),
                                    np.asarray(alone.mtp_logits), atol=1e-5)
         start += n
+
+
+def test_mtp_steps_share_the_first_steps_topk_and_kv():
+    """backbone(mtp_steps=3) against the drafter's way: step s >= 1 of the MTP layer attends over a KV cache
+    holding the first step's latent rows, with the first step's top-k, at rope position j + s."""
+    model = model_of()
+    B, T, steps = 2, 20, 3
+    ids = ids_of(B, T, seed=3)
+    out = nnx.jit(lambda m, i: m.backbone(i, mtp_steps=steps))(model, ids)
+    assert len(out.mtp_hidden) == steps and out.mtp_aux.indexer_kl.shape == (steps,)
+
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    zeros = jnp.zeros((B, T), jnp.int32)
+    mtp = model.mtp[0]
+
+    def shifted(a, n, fill):
+        return jnp.concatenate([a[:, n:], jnp.full((B, n), fill, a.dtype)], axis=1)
+
+    first = None
+    h = out.hidden
+    for s in range(steps):
+        valid = shifted(jnp.ones((B, T), bool), 1 + s, False)
+        info = model.sequence_info(pos + s, pos, zeros, valid)
+        embeds = model.embed_tokens(shifted(ids, 1 + s, 0))
+        if first is None:
+            step = mtp(embeds, h, info)
+            first = step
+            cache = Keys(step.latent, None, jnp.ones((B, T), bool))
+        else:
+            step = mtp(embeds, h, info, topk=first.topk, keys=cache)
+        rows = T - 1 - s  # rows whose input token exists
+        np.testing.assert_allclose(np.asarray(out.mtp_hidden[s][:, :rows]), np.asarray(step.normed[:, :rows]),
+                                   atol=2e-5)
+        h = step.out
+    # Step 0 is what the model's own MTP logits are made of.
+    logits = nnx.jit(lambda m, i: m(i))(model, ids).mtp_logits
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.head(out.mtp_hidden[0])[:, :-1]), atol=1e-5)

@@ -75,10 +75,12 @@ class Projection(NamedTuple):
 class AttentionAux(NamedTuple):
     """What the DSA indexer loss needs (only when ModelOptions.indexer_loss): probs [B,T,K] the attention
     probabilities summed over heads at the selected keys (no gradient), index_logits [B,T,K] the indexer's
-    scores there (full layers, with gradient to the indexer's parameters; -inf in empty slots)."""
+    scores there (full layers, with gradient to the indexer's parameters; -inf in empty slots).
+    latent [B,T,r+p]: the latent rows of this call's own tokens (its KV; what a later MTP step shares)."""
 
     probs: jax.Array | None
     index_logits: jax.Array | None
+    latent: jax.Array | None = None
 
 
 class Indexer(nnx.Module):
@@ -163,16 +165,24 @@ class MLAttention(nnx.Module):
         return Projection(q_full, latent, iq, iw, constrain(ik, ("batch", "seq", None)))
 
     def attend(self, proj: Projection, info: SequenceInfo, topk: jax.Array | None = None,
-               keys: Keys | None = None) -> tuple[jax.Array, jax.Array, AttentionAux]:
+               keys: Keys | None = None, shared_latent: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, AttentionAux]:
         """Attention of the projected queries over `keys` (default: the queries' own tokens, the full
         forward) -> (out [B,T,D], top-k indices [B,T,K] used, AttentionAux).
 
         topk: indices to reuse (IndexShare): required on a shared layer; on a full layer None runs its
-        indexer, and given indices skip it (later MTP draft steps reuse the first step's selection)."""
+        indexer, and given indices skip it (later MTP draft steps reuse the first step's selection).
+        shared_latent [B,T,r+p] (KVShare, with topk): attend over these rows of the same tokens, laid out
+        like the queries (a first MTP step's KV), instead of this call's own."""
         cfg, opts = self.cfg, self.opts
         select = topk is None
         if select and self.indexer is None:
             raise ValueError("a shared DSA layer needs the top-k indices of a full layer before it")
+        own_latent = proj.latent
+        if shared_latent is not None:
+            if select or keys is not None:
+                raise ValueError("shared_latent (KVShare) needs the top-k it was selected with, and no keys")
+            proj = proj._replace(latent=shared_latent)
         own = keys is None
         if own:
             keys = Keys(proj.latent, proj.index_keys, info.valid)
@@ -185,12 +195,13 @@ class MLAttention(nnx.Module):
         w_uv = self.kv_b_proj.weight[...].astype(opts.dtype)[..., cfg.qk_nope_head_dim:]
         o = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv, preferred_element_type=jnp.float32)
         o = constrain(o.astype(opts.dtype), ("batch", "seq", "act_heads", None))
-        return self.o_proj(o), topk, aux
+        return self.o_proj(o), topk, aux._replace(latent=own_latent)
 
     def __call__(self, x: jax.Array, info: SequenceInfo, topk: jax.Array | None = None,
-                 keys: Keys | None = None) -> tuple[jax.Array, jax.Array, AttentionAux]:
+                 keys: Keys | None = None, shared_latent: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, AttentionAux]:
         """x [B,T,D] (normed) -> attend(project(x)); see `attend`."""
-        return self.attend(self.project(x, info), info, topk, keys)
+        return self.attend(self.project(x, info), info, topk, keys, shared_latent)
 
     def _attend_sharded(self, proj: Projection, keys: Keys, info: SequenceInfo, topk, own: bool):
         """Top-k + sparse attention, inside shard_map on a mesh -> (o_lat [B,T,H,r], topk, aux)."""

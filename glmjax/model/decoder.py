@@ -26,7 +26,7 @@ from glmjax.model.layers import RMSNorm
 from glmjax.model.mlp import MLP
 from glmjax.model.moe import MoE, MoEStats
 from glmjax.model.options import ModelOptions
-from glmjax.sharding import constrain
+from glmjax.sharding import constrain, residual
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,32 +98,41 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(D, cfg.intermediate_size, opts, std=cfg.initializer_range, rngs=rngs)
 
-    def __call__(self, x: jax.Array, info: SequenceInfo, topk: jax.Array | None, keys: Keys | None = None):
-        """-> (x [B,T,D], topk [B,T,K], AttentionAux, MoEStats or None). keys: see MLAttention.attend."""
-        x = checkpoint_name(x, "layer_input")
-        a, topk, attn_aux = self.self_attn(self.input_layernorm(x), info, topk, keys)
-        x = x + checkpoint_name(a, "attention_out")
+    def __call__(self, x: jax.Array, info: SequenceInfo, topk: jax.Array | None, keys: Keys | None = None,
+                 shared_latent: jax.Array | None = None):
+        """-> (x [B,T,D], topk [B,T,K], AttentionAux, MoEStats or None). keys, shared_latent: see
+        MLAttention.attend."""
+        # The residual stream is split over the sequence on the tensor axis too (sharding.residual); the
+        # normed input is gathered for attention, whose heads are split over tensor instead.
+        x = checkpoint_name(residual(x), "layer_input")
+        h = constrain(self.input_layernorm(x), ("batch", "seq", "act_embed"))
+        a, topk, attn_aux = self.self_attn(h, info, topk, keys, shared_latent)
+        x = residual(x + checkpoint_name(residual(a), "attention_out"))
         h = self.post_attention_layernorm(x)
         stats = None
         if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(h, info.valid)
+            y, stats = self.mlp(h, info.valid)  # splits its tokens over tensor as the residual stream does
         else:
-            y = self.mlp(h)
-        x = x + y
-        return constrain(x, ("batch", "seq", "act_embed")), topk, attn_aux, stats
+            y = self.mlp(constrain(h, ("batch", "seq", "act_embed")))
+        return residual(x + residual(y)), topk, attn_aux, stats
 
 
-def remat_layer(layer: DecoderLayer, remat: str, x, info: SequenceInfo, topk, keys: Keys | None = None):
-    """layer(x, info, topk, keys), as its own checkpoint unless remat is "none": the backward then
-    recomputes and holds one layer's intermediates at a time (LAYER_REMAT_POLICY says what it keeps)."""
+def remat_layer(layer: DecoderLayer, remat: str, x, info: SequenceInfo, topk, keys: Keys | None = None,
+                shared_latent: jax.Array | None = None):
+    """layer(x, info, topk, keys, shared_latent), as its own checkpoint unless remat is "none": the backward
+    then recomputes and holds one layer's intermediates at a time (LAYER_REMAT_POLICY says what it keeps)."""
     if remat == "none":
-        return layer(x, info, topk, keys)
+        return layer(x, info, topk, keys, shared_latent)
     graphdef, state = nnx.split(layer)
 
-    def run(state, x, info, topk, keys):
-        return nnx.merge(graphdef, state)(x, info, topk, keys)
+    def run(state, x, info, topk, keys, shared_latent):
+        return nnx.merge(graphdef, state)(x, info, topk, keys, shared_latent)
 
-    return jax.checkpoint(run, policy=LAYER_REMAT_POLICY[remat], prevent_cse=False)(state, x, info, topk, keys)
+    # prevent_cse: in a group's backward, the group's recomputed forward and each layer's own recompute
+    # would otherwise be merged, keeping every layer's intermediates (queries, gathered inputs) alive
+    # until its backward: 4x the memory of one layer in a GLM-5.2 group.
+    return jax.checkpoint(run, policy=LAYER_REMAT_POLICY[remat], prevent_cse=True)(
+        state, x, info, topk, keys, shared_latent)
 
 
 def indexer_kl(probs: list[jax.Array], index_logits: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -7,6 +7,7 @@ from flax import nnx
 
 from glmjax.model.layers import Linear
 from glmjax.model.options import ModelOptions
+from glmjax.sharding import constrain
 
 
 class MLP(nnx.Module):
@@ -20,4 +21,7 @@ class MLP(nnx.Module):
         self.down_proj = Linear((hidden,), (dim,), (axis, "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        if h.ndim == 3:  # [B,T,hidden]: stated, else XLA may split the tokens and gather hidden instead
+            h = constrain(h, ("batch", "seq", "act_mlp"))
+        return self.down_proj(h)

@@ -133,7 +133,7 @@ class _Plan:
     slot: int = 0
 
 
-def _gmm(plan: _Plan, lhs, rhs, group_sizes, out_dtype=jnp.float32):
+def _gmm(plan: _Plan, lhs, rhs, group_sizes, out_dtype):
     return grouped_matmul(lhs, rhs.astype(plan.dtype), group_sizes, impl=plan.impl, interpret=plan.interpret,
                           preferred_element_type=out_dtype)
 
@@ -147,7 +147,11 @@ def _out_dtype(plan: _Plan):
 def _ffn(plan: _Plan, xs, group_sizes, wg, wu, wd):
     """Rows xs [R, D] sorted by local expert, group_sizes [El] -> [R, D] in _out_dtype (rows past the groups:
     0). With moe_mlp split over tp, a partial sum."""
-    h = jax.nn.silu(_gmm(plan, xs, wg, group_sizes)) * _gmm(plan, xs, wu, group_sizes)
+    # gate and up come out in the activation dtype (accumulated in float32 inside the matmul): they are
+    # [rows, I] per exchange round, and h is cast to it for the down projection anyway.
+    g = _gmm(plan, xs, wg, group_sizes, out_dtype=plan.dtype).astype(jnp.float32)
+    u = _gmm(plan, xs, wu, group_sizes, out_dtype=plan.dtype).astype(jnp.float32)
+    h = jax.nn.silu(g) * u
     return _gmm(plan, h.astype(plan.dtype), wd, group_sizes, out_dtype=_out_dtype(plan))
 
 

@@ -42,14 +42,15 @@ class LayerAux(NamedTuple):
 
 
 class BackboneOutput(NamedTuple):
-    """hidden [B,T,D]: final-normed hidden states, in model order. mtp_hidden [B,T,D] or None: the MTP
-    layer's first step, shared_head-normed (row j predicts token j+2; rows whose token j+1 is missing or
-    in another document are invalid), model order. aux / mtp_aux: LayerAux of the main layers / the MTP
-    layer. order [T] (numpy) or None: the natural token index at each model-order slot (None = identity);
-    labels must be put in the same order (`to_model_order`)."""
+    """hidden [B,T,D]: final-normed hidden states, in model order. mtp_hidden: per MTP step s = 0, 1, ...
+    [B,T,D] shared_head-normed (row j predicts token j+2+s; rows whose tokens j+1..j+1+s are missing or in
+    another document are invalid), model order; () without MTP. aux: LayerAux of the main layers; mtp_aux:
+    LayerAux over the MTP steps (the indexer KL only at step 0, where the indexer runs) or None. order [T]
+    (numpy) or None: the natural token index at each model-order slot (None = identity); labels must be
+    put in the same order (`to_model_order`)."""
 
     hidden: jax.Array
-    mtp_hidden: jax.Array | None
+    mtp_hidden: tuple[jax.Array, ...]
     aux: LayerAux
     mtp_aux: LayerAux | None
     order: np.ndarray | None
@@ -127,12 +128,15 @@ class GlmMoeDsa(nnx.Module):
 
     def backbone(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
-                 mtp: bool = True) -> BackboneOutput:
+                 mtp_steps: int = 1) -> BackboneOutput:
         """input_ids [B,T] int32 in natural order; attention_mask [B,T] (1 = real token); positions [B,T]
         (default: counted over real tokens, restarting per document); segment_ids [B,T] int32 (packed
-        documents: runs of equal ids; 0 = padding) -> BackboneOutput (model order). Arguments are checked by
-        model/inputs.py (token id values in eager calls only)."""
+        documents: runs of equal ids; 0 = padding); mtp_steps: steps of the MTP layer to run (0: none; see
+        model/mtp.py) -> BackboneOutput (model order). Arguments are checked by model/inputs.py (token id
+        values in eager calls only)."""
         check_inputs(self.config, input_ids, attention_mask, positions, segment_ids)
+        if mtp_steps < 0 or (mtp_steps and not len(self.mtp)):
+            raise ValueError(f"backbone: mtp_steps={mtp_steps} needs >= 0 and a model with an MTP layer")
         B, T = input_ids.shape
         valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         token_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -154,34 +158,42 @@ class GlmMoeDsa(nnx.Module):
 
         # The token ids are split over the sequence before the lookup, so no device embeds the whole sequence.
         tokens = constrain(to_model(input_ids), ("batch", "seq"))
-        x = constrain(self.embed_tokens(tokens), ("batch", "seq", "act_embed"))
+        x = sharding.residual(self.embed_tokens(tokens))
         auxes = []
         for stack in self.stacks:
             x, aux = stack(x, info)
             auxes.append(aux)
         hidden = self.norm(x)
 
-        mtp_hidden = mtp_aux = None
-        if len(self.mtp) and mtp:
-            # Row j takes token j+1 and hidden j: the shift is applied to the token ids in natural order
-            # (cheap, and never across context shards), hidden j stays where it is.
-            next_ids = jnp.concatenate([input_ids[:, 1:], input_ids[:, :1]], axis=1)
-            next_valid = jnp.concatenate([valid[:, 1:], jnp.zeros((B, 1), bool)], axis=1) & same_doc_next
-            mtp_info = info._replace(valid=info.valid & to_model(next_valid))
-            next_tokens = constrain(to_model(next_ids), ("batch", "seq"))
-            next_embeds = constrain(self.embed_tokens(next_tokens), ("batch", "seq", "act_embed"))
-            _, mtp_hidden, group_aux = self.mtp[0](next_embeds, hidden, mtp_info)
-            mtp_aux = _join([jax.tree.map(lambda a: a[None], group_aux)])
-        return BackboneOutput(hidden, mtp_hidden, _join(auxes), mtp_aux, order)
+        mtp_hidden, steps = [], []
+        h, same_doc = hidden, jnp.ones((B, T), bool)
+        for s in range(mtp_steps):
+            # Row j takes token j+1+s: the shift is applied to the token ids in natural order (cheap, and
+            # never across context shards); the hidden rows stay where they are.
+            def shift(a, fill, n=1 + s):
+                return jnp.concatenate([a[:, n:], jnp.full((B, min(n, T)), fill, a.dtype)], axis=1)[:, :T]
+
+            same_doc = same_doc & shift(same_doc_next, False, s) if s else same_doc_next
+            step_valid = info.valid & to_model(shift(valid, False) & same_doc)
+            step_info = info if s == 0 else self.sequence_info(
+                *map(to_model, (positions + s, token_index, doc_start, valid)))
+            step_info = step_info._replace(valid=step_valid)
+            next_tokens = constrain(to_model(shift(input_ids, 0)), ("batch", "seq"))
+            step = self.mtp[0](self.embed_tokens(next_tokens), h, step_info, shared=steps[0] if steps else None)
+            steps.append(step)
+            mtp_hidden.append(step.normed)
+            h = step.out
+        mtp_aux = _join([jax.tree.map(lambda a: a[None], st.aux) for st in steps]) if steps else None
+        return BackboneOutput(hidden, tuple(mtp_hidden), _join(auxes), mtp_aux, order)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> ModelOutput:
         """input_ids [B,T] int32; attention_mask [B,T] (1 = real token, left padding allowed); positions
         [B,T] (default: counted over real tokens); segment_ids: see `backbone`. Natural order in and out."""
-        out = self.backbone(input_ids, attention_mask, positions, segment_ids)
+        out = self.backbone(input_ids, attention_mask, positions, segment_ids, mtp_steps=min(1, len(self.mtp)))
         cp = self.context_size()
         hidden = to_natural_order(out.hidden, cp)
         mtp_logits = None
-        if out.mtp_hidden is not None and input_ids.shape[1] > 1:
-            mtp_logits = self.head(to_natural_order(out.mtp_hidden, cp)[:, :-1])
+        if out.mtp_hidden and input_ids.shape[1] > 1:
+            mtp_logits = self.head(to_natural_order(out.mtp_hidden[0], cp)[:, :-1])
         return ModelOutput(self.head(hidden), hidden, mtp_logits)
