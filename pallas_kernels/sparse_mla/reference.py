@@ -2,7 +2,8 @@
 
 Every query head attends over the same latent rows (one "KV head" of kv_lora_rank + rope dims, 576 for
 GLM-5.2), and only over the rows its top-k indices select. The values are the first `v_dim` dims of the rows.
-Per block the gathered rows are [B, q_block, K, Dk]; no [T, S] array exists.
+Per block the gathered rows are [B, q_block, K, Dk]; no [T, S] array exists. With few rows in all (S <= 4K)
+it scores every row instead and masks the unselected: [B, q_block, H, S] per block, no gather.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.common import gather_rows, map_query_blocks
+
+DENSE_BELOW = 4
 
 
 def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: int):
@@ -25,17 +28,30 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: i
       (-inf for such a query).
     """
 
+    S, K = kv.shape[1], indices.shape[-1]
+    # With few rows in all (S <= DENSE_BELOW * K: short sequences, small caches), scoring every row and masking
+    # the unselected ones costs little more than the selected rows alone and avoids gathering a [bq, K, Dk]
+    # copy per query; the indexer's selections are distinct, so the two forms agree.
+    dense = S <= DENSE_BELOW * K
+
     def block(qb, ib):
-        valid = ib >= 0
-        rows = gather_rows(kv, ib)  # [B,bq,K,Dk]
-        logits = jnp.einsum("bqhd,bqkd->bqhk", qb, rows, preferred_element_type=jnp.float32) * scale
+        if dense:
+            valid = jnp.any(ib[..., :, None] == jnp.arange(S, dtype=ib.dtype), axis=-2)  # [B,bq,S]
+            logits = jnp.einsum("bqhd,bsd->bqhs", qb, kv, preferred_element_type=jnp.float32) * scale
+        else:
+            valid = ib >= 0
+            rows = gather_rows(kv, ib)  # [B,bq,K,Dk]
+            logits = jnp.einsum("bqhd,bqkd->bqhk", qb, rows, preferred_element_type=jnp.float32) * scale
         logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
         m = jnp.max(logits, axis=-1, keepdims=True)
         m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
         p = jnp.exp(logits - m_safe)
         denom = jnp.sum(p, axis=-1, keepdims=True)
         probs = (p / jnp.where(denom > 0, denom, 1.0)).astype(q.dtype)
-        out = jnp.einsum("bqhk,bqkv->bqhv", probs, rows[..., :v_dim], preferred_element_type=jnp.float32)
+        if dense:
+            out = jnp.einsum("bqhs,bsv->bqhv", probs, kv[..., :v_dim], preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("bqhk,bqkv->bqhv", probs, rows[..., :v_dim], preferred_element_type=jnp.float32)
         lse = (m_safe + jnp.log(denom))[..., 0]
         return out.astype(q.dtype), lse
 
