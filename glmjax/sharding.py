@@ -145,13 +145,16 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
 GATHERED_AT_USE = frozenset({"embed", "mtp_in"})
 
 
-def gathered(variable: nnx.Variable) -> jax.Array:
-    """The variable's value with its FSDP dims (GATHERED_AT_USE) all-gathered; other dims keep their split.
+def gathered(variable: nnx.Variable, dtype=None) -> jax.Array:
+    """The variable's value (cast to `dtype` first, so float32 master weights travel as bfloat16) with its
+    FSDP dims (GATHERED_AT_USE) all-gathered; other dims keep their split.
 
     Stating this at every use makes the FSDP pattern explicit: without it XLA may instead keep the weight
     split and move the activations, whose token dim is split over the same mesh axes; in the backward of
     the 753B step that materialised every device's tokens on each device (a [devices, tokens, D] buffer)."""
     value = variable[...]
+    if dtype is not None:
+        value = value.astype(dtype)
     mesh = current_mesh()
     if mesh is None:
         return value

@@ -36,7 +36,7 @@ class Linear(nnx.Module):
         self.weight = param(rngs, in_shape + out_shape, axes, param_dtype, std=std)
 
     def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
-        w = gathered(self.weight)
+        w = gathered(self.weight, self.dtype)
         n = self.n_in
         dims = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
         y = jax.lax.dot_general(
@@ -51,11 +51,11 @@ class Embed(nnx.Module):
         self.weight = param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype, std=std)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(gathered(self.weight), ids, axis=0).astype(self.dtype)
+        return jnp.take(gathered(self.weight, self.dtype), ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: x @ embedding.T, float32 logits."""
-        w = gathered(self.weight).astype(x.dtype)
+        w = gathered(self.weight, x.dtype)
         return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
 
 

@@ -302,8 +302,11 @@ class MoE(nnx.Module):
         impl = check_impl(self.gmm_impl)
         plan = _Plan(self.cfg.n_routed_experts, self.opts.dtype, impl, bool(self.opts.interpret) and impl == "megablox")
         ex, gate = self.experts, self.gate
-        weights = (gate.weight[...], gate.e_score_correction_bias[...], ex.gate_proj[...], ex.up_proj[...],
-                   ex.down_proj[...])
+        # Expert weights enter in the compute dtype: under a mesh their FSDP gather then moves bf16, not the
+        # float32 masters. The router stays float32.
+        dt = self.opts.dtype
+        weights = (gate.weight[...], gate.e_score_correction_bias[...], ex.gate_proj[...].astype(dt),
+                   ex.up_proj[...].astype(dt), ex.down_proj[...].astype(dt))
         mesh = current_mesh()
         if mesh is None:
             routed, stats = _routed_local(self.cfg, plan, x, valid, *weights)
