@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -30,6 +29,7 @@ import benchmarks.tpu_aot  # noqa: E402,F401  (libtpu environment, before jax st
 import glmjax  # noqa: E402
 from glmjax.model.context import to_model_order  # noqa: E402
 from glmjax.sharding import logical_to_spec, make_mesh, param_sharding  # noqa: E402
+from glmjax.train.compile_only import compile_and_measure  # noqa: E402
 from glmjax.train.losses import chunked_cross_entropy  # noqa: E402
 
 GiB = 2**30
@@ -127,18 +127,12 @@ def compile_train_step(cfg: glmjax.GlmMoeDsaConfig, *, topology: str, mesh_shape
                        out_shardings=(None, jax.tree.map(lambda x: x.sharding, params_sd)))
     else:
         step = jax.jit(loss_fn)
-    t0 = time.perf_counter()
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        compiled = step.lower(params_sd, rest_sd, ids_sd).compile()
-    seconds = time.perf_counter() - t0
-    ma = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    compiled, seconds, ma, flops = compile_and_measure(step, mesh, params_sd, rest_sd, ids_sd)
     chips = len(devices)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     report = StepReport(
         chips=chips, argument_bytes=int(ma.argument_size_in_bytes), temp_bytes=int(ma.temp_size_in_bytes),
-        output_bytes=int(ma.output_size_in_bytes), flops=float(cost.get("flops", 0.0)),
+        output_bytes=int(ma.output_size_in_bytes), flops=flops,
         analytic_flops=analytic_flops(cfg, batch * seq, seq) / chips / (1 if backward else 3),
         mosaic_kernels=compiled.as_text().count("tpu_custom_call"), params=n_params, compile_seconds=seconds)
     return compiled, report

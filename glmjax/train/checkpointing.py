@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from glmjax.errors import CheckpointError, ConfigError
+from glmjax.train.sections import from_mapping
 
 __all__ = ["CheckpointConfig", "Checkpointer", "FORMAT_VERSION", "PreemptionGuard", "Restored", "with_shardings"]
 
@@ -85,14 +86,8 @@ class CheckpointConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CheckpointConfig:
-        """From a config file's mapping; an unknown key is an error naming it (a typo must not be ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"CheckpointConfig.{key}: unknown field (known: {sorted(known)})")
-        if "directory" not in values:
-            raise ConfigError("CheckpointConfig.directory: required")
-        return cls(**values)
+        """From a config file's mapping; an unknown or missing field is an error naming it."""
+        return from_mapping(cls, values)
 
 
 @dataclasses.dataclass(frozen=True)

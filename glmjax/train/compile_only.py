@@ -73,6 +73,18 @@ def _shard_bytes(tree) -> int:
     return total
 
 
+def compile_and_measure(jitted, mesh, *args):
+    """jitted lowered with abstract `args` under `mesh` and compiled -> (Compiled, seconds, its per-chip
+    memory_analysis(), its per-chip FLOPs from cost_analysis())."""
+    t0 = time.perf_counter()
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return compiled, seconds, compiled.memory_analysis(), float(cost.get("flops", 0.0))
+
+
 def compile_train_step(cfg: TrainConfig, topology: str) -> CompileReport:
     from jax.experimental import topologies
 
@@ -108,13 +120,7 @@ def compile_train_step(cfg: TrainConfig, topology: str) -> CompileReport:
         return nnx.state(m, MODEL_VARIABLES), nnx.state(o), metrics
 
     jitted = jax.jit(pure, donate_argnums=(0, 1), out_shardings=(m_shard, o_shard, None))
-    t0 = time.perf_counter()
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        compiled = jitted.lower(model_sd, opt_sd, batch_sd).compile()
-    seconds = time.perf_counter() - t0
-    ma = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    compiled, seconds, ma, flops = compile_and_measure(jitted, mesh, model_sd, opt_sd, batch_sd)
     kind = devices[0].device_kind
     hbm = HBM_GIB.get(kind)
     params, opt_bytes, batch_bytes = _shard_bytes(model_sd), _shard_bytes(opt_sd), _shard_bytes(batch_sd)
@@ -123,6 +129,6 @@ def compile_train_step(cfg: TrainConfig, topology: str) -> CompileReport:
     return CompileReport(topology=topology, chips=len(devices), device_kind=kind,
                          hbm_bytes=None if hbm is None else hbm * GiB, param_bytes=params, optimizer_bytes=opt_bytes,
                          batch_bytes=batch_bytes, temp_bytes=int(ma.temp_size_in_bytes), total_bytes=total,
-                         flops=float(cost.get("flops", 0.0)), tokens=B * T,
+                         flops=flops, tokens=B * T,
                          mosaic_kernels=compiled.as_text().count("tpu_custom_call"), compile_seconds=seconds)
 

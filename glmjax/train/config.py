@@ -26,6 +26,7 @@ from glmjax.sharding import MESH_AXES
 from glmjax.train.checkpointing import CheckpointConfig
 from glmjax.train.data import DataConfig
 from glmjax.train.optimizer import STAGES, OptimizerConfig
+from glmjax.train.sections import check_fields
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "train"
 
@@ -221,17 +222,9 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
 def _section(name: str, cls: type, values: Any):
     if not isinstance(values, Mapping):
         raise ConfigError(f"{name}: expected a table of fields, got {values!r}")
+    check_fields(cls, values, name)
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"{name}.{key}: unknown field (known: {', '.join(sorted(fields))})")
-        kwargs[key] = _check_type(f"{name}.{key}", value, hints[key])
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{name}.{missing[0]}: required")
+    kwargs = {key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
     try:
         return cls(**kwargs)
     except ConfigError as e:

@@ -53,6 +53,7 @@ from tokenizers import Tokenizer
 
 from glmjax.errors import ConfigError, GlmjaxError
 from glmjax.files import regular_file
+from glmjax.train.sections import from_mapping
 
 Format = Literal["auto", "text", "jsonl", "arrayrecord"]
 FORMATS = ("auto", "text", "jsonl", "arrayrecord")
@@ -135,17 +136,9 @@ class DataConfig:
             raise err("validation_fraction", "set together with validation_files; choose one")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        """From a JSON object (lists for the file fields); an unknown key is an error naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"DataConfig.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in d]
-        if missing:
-            raise ConfigError(f"DataConfig.{missing[0]}: required")
-        return cls(**d)
+    def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
+        """From a config file's mapping; an unknown or missing field is an error naming it."""
+        return from_mapping(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -50,6 +50,7 @@ from optax.transforms import MaskedNode
 
 from glmjax.errors import ConfigError
 from glmjax.sharding import param_sharding
+from glmjax.train.sections import from_mapping
 
 OptimizerName = Literal["adamw", "muon"]
 ScheduleName = Literal["cosine", "wsd"]
@@ -157,12 +158,8 @@ class OptimizerConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> OptimizerConfig:
-        """From a config file's mapping; an unknown key is an error naming it (a typo must not be ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"OptimizerConfig.{key}: unknown field (known: {sorted(known)})")
-        return cls(**values)
+        """From a config file's mapping; an unknown or missing field is an error naming it."""
+        return from_mapping(cls, values)
 
 
 # --------------------------------------------------------------------------------------------- schedule

@@ -17,7 +17,6 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -312,6 +311,3 @@ class Trainer:
         self.train_data.close()
         self.checkpointer.close()
 
-
-def describe(cfg: TrainConfig) -> dict[str, Any]:
-    return cfg.to_dict()
