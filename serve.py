@@ -1,39 +1,45 @@
-"""Batch generation from the command line.
+"""Batch generation with GLM-5.2 (glm_moe_dsa checkpoints): a KV-cache engine with continuous batching and MTP
+speculative decoding.
 
-    python serve.py                          # tiny demo model: random weights, saved and reloaded in HF format
-    python serve.py --checkpoint DIR --prompt-ids 151331,151333,9707 --max-new-tokens 16
+    python serve.py                                  # the bundled demo model completes a few Python prompts
+    python serve.py --prompt "def quicksort(xs):" --max-tokens 64 --temperature 0.7
+    python serve.py --checkpoint DIR --input requests.jsonl --output results.jsonl
+    python serve.py --checkpoint DIR --prompt-ids 151331,151333,9707 --max-tokens 16
+    python serve.py --checkpoint DIR --mesh tensor=4,expert=2 --input ... --output ...
 
-For now this runs the no-cache greedy reference decoder; the KV-cache engine and MTP speculative decoding
-replace it in the serving issues.
+--input is an OpenAI batch file (one {"custom_id", "method", "url", "body"} per line, /v1/completions or
+/v1/chat/completions), as vLLM's run-batch reads it; --output gets one result or error record per line. A
+rerun with the same --output answers only the requests not yet in it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 import glmjax
-from glmjax.errors import GlmjaxError
+from glmjax.errors import GlmjaxError, InputError
 from glmjax.model.inputs import check_prompts
-from glmjax.serve import greedy_decode_reference
+from glmjax.serve.batch_runner import BatchReport, count_lines, run_batch
+from glmjax.serve.engine import Engine, EngineConfig
+from glmjax.serve.requests import Request, SamplingParams
+from glmjax.serve.text import TextCodec
+from glmjax.sharding import MESH_AXES, make_mesh, shard_model
 from glmjax.weights import HFCheckpoint
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "tiny-demo.json"
+DEMO = Path(__file__).parent / "models" / "demo"
+# Prompts end before the newline: the demo tokenizer merges a newline with the next line's indent.
+DEMO_PROMPTS = ("def fibonacci(n):", "import os\nimport sys\n\n\ndef main():",
+                "class Stack:\n    def __init__(self):", "    for i in range(len(items)):")
 
 
-def demo_checkpoint(tmp: Path) -> Path:
-    """Writes a randomly initialised tiny GLM-MoE-DSA (with its MTP layer) as a Hugging Face checkpoint."""
-    cfg = glmjax.load_config(DEMO_CONFIG)
-    model = glmjax.GlmMoeDsa(cfg, glmjax.ModelOptions(), rngs=nnx.Rngs(0))
-    glmjax.save_pretrained(model, tmp / "tiny-demo")
-    return tmp / "tiny-demo"
+def demo_checkpoint() -> Path:
+    """The bundled demo model (models/demo: trained by `python train.py`, see its README)."""
+    return DEMO
 
 
 def prompt_ids(text: str) -> list[list[int]]:
@@ -50,56 +56,155 @@ def prompt_ids(text: str) -> list[list[int]]:
 
 
 def count(text: str) -> int:
-    """A non-negative integer (the argparse type of --max-new-tokens)."""
+    """A non-negative integer (argparse type)."""
     if not text.strip().isascii() or not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
     return int(text)
 
 
+def mesh_shape(text: str) -> dict[str, int]:
+    """'tensor=4,expert=2' -> {"tensor": 4, "expert": 2} (argparse type of --mesh)."""
+    shape = {}
+    for item in text.split(","):
+        name, _, size = item.partition("=")
+        if name.strip() not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected axis=size with an axis of {MESH_AXES}")
+        shape[name.strip()] = int(size)
+    return shape
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, help="HF checkpoint directory (default: the tiny demo model)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--prompt-ids", type=prompt_ids, default="5,17,42,99,7,300,12,64",
-                    help="comma-separated token ids; separate several prompts with ';'")
-    ap.add_argument("--max-new-tokens", type=count, default=12)
-    return ap.parse_args(argv)
+    ap.add_argument("--checkpoint", type=Path, help="HF checkpoint directory (default: the bundled demo model)")
+    io = ap.add_argument_group("what to generate (default: the demo's Python prompts)")
+    io.add_argument("--input", type=Path, help="OpenAI batch file (JSONL) of requests")
+    io.add_argument("--output", type=Path, help="results file (JSONL); required with --input")
+    io.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
+    io.add_argument("--prompt-ids", type=prompt_ids, help="token-id prompts: comma-separated ids, ';' between prompts")
+    io.add_argument("--return-token-ids", action="store_true", help="add the token ids to every output line")
+    sp = ap.add_argument_group("sampling (for --prompt / --prompt-ids / the demo; batch lines carry their own)")
+    sp.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=count, default=None,
+                    help="tokens to generate (default 64)")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=None)
+    en = ap.add_argument_group("engine")
+    en.add_argument("--num-speculative-tokens", type=count, default=None,
+                    help="MTP draft steps per verification (default 3 with an MTP layer, else 0)")
+    en.add_argument("--draft-sampling", choices=["greedy", "sample"], default="greedy")
+    en.add_argument("--slots", type=count, default=8, help="sequences decoded together")
+    en.add_argument("--max-len", type=count, default=None,
+                    help="prompt + completion tokens per request (default min(2048, max_position_embeddings))")
+    en.add_argument("--prefill-chunk", type=count, default=256)
+    en.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    en.add_argument("--mesh", type=mesh_shape, help="shard over the local devices, e.g. tensor=4,expert=2")
+    args = ap.parse_args(argv)
+    if (args.input is None) != (args.output is None):
+        ap.error("--input and --output go together")
+    if args.input is not None and (args.prompt or args.prompt_ids):
+        ap.error("--input runs a batch file; --prompt / --prompt-ids are not used with it")
+    return args
+
+
+def max_len(args, cfg) -> int:
+    """The engine's tokens per request, checked against the model and the requested completion length."""
+    n = args.max_len or min(2048, cfg.max_position_embeddings)
+    if n > cfg.max_position_embeddings:
+        raise InputError(f"--max-len: {n} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
+    if args.max_tokens is not None and args.max_tokens >= n:
+        raise InputError(f"--max-tokens: {args.max_tokens} new tokens leave no room for a prompt within --max-len "
+                         f"{n} (max_position_embeddings={cfg.max_position_embeddings})")
+    return n
+
+
+def build_engine(args, cfg) -> tuple[Engine, TextCodec | None, float]:
+    path = args.checkpoint or demo_checkpoint()
+    t0 = time.perf_counter()
+    model = glmjax.load_pretrained(path, dtype=getattr(jnp, args.dtype))
+    mesh = None
+    if args.mesh:
+        try:
+            mesh = make_mesh(args.mesh)
+        except ValueError as e:
+            raise InputError(f"--mesh: {e}") from None
+        shard_model(model, mesh)
+    k = args.num_speculative_tokens
+    if k is None:
+        k = 3 if cfg.num_nextn_predict_layers else 0
+    config = EngineConfig(slots=args.slots, max_len=max_len(args, cfg),
+                          prefill_chunk=args.prefill_chunk, num_speculative_tokens=k,
+                          draft_sampling=args.draft_sampling)
+    codec = TextCodec.from_checkpoint(path)
+    return Engine(model, config, mesh=mesh, codec=codec), codec, time.perf_counter() - t0
+
+
+def prompts_run(args, engine: Engine, codec: TextCodec | None) -> None:
+    texts = args.prompt or ([] if args.prompt_ids else list(DEMO_PROMPTS))
+    if texts and codec is None:
+        raise InputError("--prompt: this checkpoint has no tokenizer.json; use --prompt-ids")
+    prompts = [codec.encode(t) for t in texts] + (args.prompt_ids or [])
+    params = SamplingParams(max_tokens=args.max_tokens or 64, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    requests = [Request(str(i), tuple(p), params, "completion", texts[i] if i < len(texts) else None)
+                for i, p in enumerate(prompts)]
+    for r in requests:
+        engine.check(r)
+    engine.generate(requests[:1])  # compile outside the timing
+    t0 = time.perf_counter()
+    done = engine.generate(requests)
+    seconds = time.perf_counter() - t0
+    report = BatchReport(seconds=seconds)
+    for c in done:
+        report.add(c)
+        shown = c.request.prompt_text + c.text if codec else f"{list(c.request.prompt_ids)} -> {c.tokens}"
+        accept = f", acceptance length {c.acceptance_length:.2f}" if c.accepted else ""
+        print(f"--- {c.request.id}: {len(c.tokens)} tokens, {c.finish_reason}{accept}")
+        print(shown)
+    print("---")
+    for line in report.lines():
+        print(line)
+
+
+def batch_run(args, engine: Engine) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = count_lines(args.input)
+    name = (args.checkpoint or demo_checkpoint()).name
+    columns = (TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("requests", total=total)
+        report = run_batch(engine, args.input, args.output, model_name=name, return_token_ids=args.return_token_ids,
+                           progress=lambda n: bar.update(task, completed=n))
+    for line in report.lines():
+        print(line)
 
 
 def run(args: argparse.Namespace) -> None:
-    # Everything about the inputs is checked before any weight is read or the demo model is built: the
-    # checkpoint's config and headers (HFCheckpoint reads no tensor data), then the prompts against them.
-    cfg = HFCheckpoint(args.checkpoint).config if args.checkpoint else glmjax.load_config(DEMO_CONFIG)
-    prompts = args.prompt_ids
-    check_prompts(cfg, prompts, args.max_new_tokens)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.checkpoint or demo_checkpoint(Path(tmp))
-        t0 = time.perf_counter()
-        model = glmjax.load_pretrained(path, dtype=getattr(jnp, args.dtype))
-        cfg = model.config
-        print(f"loaded {path.name}: {cfg.num_hidden_layers} layers ({cfg.num_full_indexer_layers} with an indexer), "
-              f"{cfg.num_parameters() / 1e6:.2f}M parameters, MTP layers {cfg.num_nextn_predict_layers}, "
-              f"in {time.perf_counter() - t0:.1f}s")
-        ids = jnp.asarray([prompts[0]], jnp.int32)
-        out = model(ids)
-        last = np.asarray(out.logits[0, -1])
-        top = np.argsort(-last)[:5]
-        print(f"logits {tuple(out.logits.shape)}; last position top-5: "
-              + ", ".join(f"{t}:{last[t]:.3f}" for t in top))
-        if out.mtp_logits is not None:
-            print(f"MTP logits {tuple(out.mtp_logits.shape)}")
-        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
-        t0 = time.perf_counter()
-        gen = greedy_decode_reference(model, prompts, args.max_new_tokens, [e for e in eos if e is not None])
-        for p, g in zip(prompts, gen, strict=True):
-            print(f"prompt {p} -> greedy {g}")
-        print(f"decoded in {time.perf_counter() - t0:.1f}s")
+    # Inputs are checked before any weight is read: the checkpoint's config and headers (no tensor data),
+    # then token-id prompts against them.
+    cfg = HFCheckpoint(args.checkpoint).config if args.checkpoint else glmjax.load_config(DEMO / "config.json")
+    n = max_len(args, cfg)
+    if args.prompt_ids:
+        check_prompts(cfg, args.prompt_ids, args.max_tokens or 64)
+        longest = max(len(p) for p in args.prompt_ids)
+        if longest + (args.max_tokens or 64) > n:
+            raise InputError(f"--prompt-ids: a prompt of {longest} tokens + {args.max_tokens or 64} new tokens "
+                             f"exceeds --max-len {n}")
+    engine, codec, load_s = build_engine(args, cfg)
+    c = engine.model.config
+    print(f"loaded {(args.checkpoint or DEMO).name}: {c.num_hidden_layers} layers, {c.num_parameters() / 1e6:.2f}M "
+          f"parameters, {engine.config.slots} slots x {engine.config.max_len} tokens, "
+          f"{engine.k} speculative tokens, in {load_s:.1f} s")
+    if args.input is not None:
+        batch_run(args, engine)
+    else:
+        prompts_run(args, engine, codec)
 
 
 def main(argv=None) -> int:
     """Exit status 0; 2 for malformed arguments (argparse: usage and the error); 1 for a bad checkpoint,
-    config or prompt, printed as one line `error: ...` on stderr."""
+    config, prompt or file, printed as one line `error: ...` on stderr."""
     args = parse_args(argv)
     try:
         run(args)

@@ -544,6 +544,8 @@ def run_cli(capsys, *argv):
     (["--prompt-ids", "5;-3"], "--prompt-ids"),
     (["--max-new-tokens", "-1"], "--max-new-tokens"),
     (["--max-new-tokens", "1e3"], "--max-new-tokens"),
+    (["--mesh", "tensor=two"], "--mesh"),
+    (["--input", "requests.jsonl"], "--output"),
 ])
 def test_cli_argument_syntax(capsys, argv, needle):
     rc, out, err = run_cli(capsys, *argv)
@@ -558,6 +560,8 @@ def test_cli_checks_before_loading(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(serve, "demo_checkpoint", never)
     for argv, needle in [(["--prompt-ids", "5,17,99999"], "99999"),
                          (["--max-new-tokens", "1000000000"], "max_position_embeddings=4096"),
+                         (["--max-len", "5000"], "max_position_embeddings=4096"),
+                         (["--prompt-ids", "1,2", "--max-len", "3", "--max-new-tokens", "2"], "--max-len 3"),
                          (["--checkpoint", str(tmp_path / "none")], "not found")]:
         rc, out, err = run_cli(capsys, *argv)
         assert rc == 1 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err

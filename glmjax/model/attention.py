@@ -19,6 +19,7 @@ sequence's latent rows and indexer keys (small: 576 + 128 values per token) and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -76,11 +77,18 @@ class AttentionAux(NamedTuple):
     """What the DSA indexer loss needs (only when ModelOptions.indexer_loss): probs [B,T,K] the attention
     probabilities summed over heads at the selected keys (no gradient), index_logits [B,T,K] the indexer's
     scores there (full layers, with gradient to the indexer's parameters; -inf in empty slots).
-    latent [B,T,r+p]: the latent rows of this call's own tokens (its KV; what a later MTP step shares)."""
+    latent [B,T,r+p]: the latent rows of this call's own tokens (its KV; what a later MTP step shares).
+    keys: the Keys attended over when a cache `update` was given (the updated cache)."""
 
     probs: jax.Array | None
     index_logits: jax.Array | None
     latent: jax.Array | None = None
+    keys: Keys | None = None
+
+
+# A KV-cache hook (the serving engine's): writes a Projection's new rows into a cache and returns the Keys to
+# attend over, these rows included.
+CacheUpdate = Callable[[Projection], Keys]
 
 
 class Indexer(nnx.Module):
@@ -198,10 +206,18 @@ class MLAttention(nnx.Module):
         return self.o_proj(o), topk, aux._replace(latent=own_latent)
 
     def __call__(self, x: jax.Array, info: SequenceInfo, topk: jax.Array | None = None,
-                 keys: Keys | None = None, shared_latent: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array, AttentionAux]:
-        """x [B,T,D] (normed) -> attend(project(x)); see `attend`."""
-        return self.attend(self.project(x, info), info, topk, keys, shared_latent)
+                 keys: Keys | None = None, shared_latent: jax.Array | None = None,
+                 update: CacheUpdate | None = None) -> tuple[jax.Array, jax.Array, AttentionAux]:
+        """x [B,T,D] (normed) -> attend(project(x)); see `attend`. update: a KV cache's hook; the new rows go
+        into the cache first and attention runs over the Keys it returns (AttentionAux.keys)."""
+        proj = self.project(x, info)
+        if update is None:
+            return self.attend(proj, info, topk, keys, shared_latent)
+        if keys is not None or shared_latent is not None:
+            raise ValueError("a cache update brings its own keys: pass neither keys nor shared_latent")
+        keys = update(proj)
+        out, topk, aux = self.attend(proj, info, topk, keys)
+        return out, topk, aux._replace(keys=keys)
 
     def _attend_sharded(self, proj: Projection, keys: Keys, info: SequenceInfo, topk, own: bool):
         """Top-k + sparse attention, inside shard_map on a mesh -> (o_lat [B,T,H,r], topk, aux)."""

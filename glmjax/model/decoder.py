@@ -21,7 +21,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from glmjax.config import GlmMoeDsaConfig
-from glmjax.model.attention import Keys, MLAttention, SequenceInfo
+from glmjax.model.attention import CacheUpdate, Keys, MLAttention, SequenceInfo
 from glmjax.model.layers import RMSNorm
 from glmjax.model.mlp import MLP
 from glmjax.model.moe import MoE, MoEStats
@@ -99,14 +99,14 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(D, cfg.intermediate_size, opts, std=cfg.initializer_range, rngs=rngs)
 
     def __call__(self, x: jax.Array, info: SequenceInfo, topk: jax.Array | None, keys: Keys | None = None,
-                 shared_latent: jax.Array | None = None):
-        """-> (x [B,T,D], topk [B,T,K], AttentionAux, MoEStats or None). keys, shared_latent: see
-        MLAttention.attend."""
+                 shared_latent: jax.Array | None = None, update: CacheUpdate | None = None):
+        """-> (x [B,T,D], topk [B,T,K], AttentionAux, MoEStats or None). keys, shared_latent, update: see
+        MLAttention.attend and MLAttention.__call__."""
         # The residual stream is split over the sequence on the tensor axis too (sharding.residual); the
         # normed input is gathered for attention, whose heads are split over tensor instead.
         x = checkpoint_name(residual(x), "layer_input")
         h = constrain(self.input_layernorm(x), ("batch", "seq", "act_embed"))
-        a, topk, attn_aux = self.self_attn(h, info, topk, keys, shared_latent)
+        a, topk, attn_aux = self.self_attn(h, info, topk, keys, shared_latent, update)
         x = residual(x + checkpoint_name(residual(a), "attention_out"))
         h = self.post_attention_layernorm(x)
         stats = None
@@ -118,11 +118,12 @@ class DecoderLayer(nnx.Module):
 
 
 def remat_layer(layer: DecoderLayer, remat: str, x, info: SequenceInfo, topk, keys: Keys | None = None,
-                shared_latent: jax.Array | None = None):
-    """layer(x, info, topk, keys, shared_latent), as its own checkpoint unless remat is "none": the backward
-    then recomputes and holds one layer's intermediates at a time (LAYER_REMAT_POLICY says what it keeps)."""
-    if remat == "none":
-        return layer(x, info, topk, keys, shared_latent)
+                shared_latent: jax.Array | None = None, update: CacheUpdate | None = None):
+    """layer(x, info, topk, keys, shared_latent, update), as its own checkpoint unless remat is "none": the
+    backward then recomputes and holds one layer's intermediates at a time (LAYER_REMAT_POLICY says what it
+    keeps). A cache update (inference) runs without remat."""
+    if remat == "none" or update is not None:
+        return layer(x, info, topk, keys, shared_latent, update)
     graphdef, state = nnx.split(layer)
 
     def run(state, x, info, topk, keys, shared_latent):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glmjax.config import GlmMoeDsaConfig
-from glmjax.model.attention import Keys, SequenceInfo
+from glmjax.model.attention import CacheUpdate, Keys, SequenceInfo
 from glmjax.model.decoder import DecoderLayer, GroupAux, LayerKind, indexer_kl, remat_layer
 from glmjax.model.layers import Linear, RMSNorm
 from glmjax.model.options import ModelOptions
@@ -33,13 +33,15 @@ class SharedHead(nnx.Module):
 class MTPStep(NamedTuple):
     """One step of the MTP layer. out [B,T,D]: decoder output before the head norm (the next step's h);
     normed [B,T,D]: shared_head.norm(out), ready for the main lm_head; aux: GroupAux of the step; topk
-    [B,T,K] and latent [B,T,r+p]: the selection and KV it attended with (what later steps share)."""
+    [B,T,K] and latent [B,T,r+p]: the selection and KV it attended with (what later steps share); keys: the
+    updated cache when a cache `update` was given."""
 
     out: jax.Array
     normed: jax.Array
     aux: GroupAux
     topk: jax.Array
     latent: jax.Array
+    keys: Keys | None = None
 
 
 class MTPLayer(nnx.Module):
@@ -54,12 +56,14 @@ class MTPLayer(nnx.Module):
         self.remat = opts.remat
 
     def __call__(self, next_embeds: jax.Array, h: jax.Array, info: SequenceInfo, topk: jax.Array | None = None,
-                 keys: Keys | None = None, shared: MTPStep | None = None) -> MTPStep:
+                 keys: Keys | None = None, shared: MTPStep | None = None,
+                 update: CacheUpdate | None = None) -> MTPStep:
         """next_embeds [B,T,D] = embed(t[j+1]), h [B,T,D] -> MTPStep.
 
         topk / keys: attend over a given selection / KV cache (see MLAttention.attend). shared: the first
         step of the same tokens; a later step reuses its top-k (IndexShare) and its KV (KVShare), so every
-        key it attends to comes from target-model hidden states, as in speculative drafting."""
+        key it attends to comes from target-model hidden states, as in speculative drafting. update: a KV
+        cache's hook (see MLAttention.__call__)."""
         # Both halves keep the residual stream's token split, so eh_proj's weight gradient is a local product
         # plus a reduction (else XLA gathers [T, 2D] activations for it).
         both = residual(jnp.concatenate([self.enorm(residual(next_embeds)), self.hnorm(residual(h))], axis=-1))
@@ -67,11 +71,12 @@ class MTPLayer(nnx.Module):
         shared_latent = None
         if shared is not None:
             topk, shared_latent = shared.topk, shared.latent
-        out, topk, attn_aux, stats = remat_layer(self.decoder, self.remat, x, info, topk, keys, shared_latent)
+        out, topk, attn_aux, stats = remat_layer(self.decoder, self.remat, x, info, topk, keys, shared_latent,
+                                                 update)
         if attn_aux.probs is not None and attn_aux.index_logits is not None:
             kl, n = indexer_kl([attn_aux.probs], attn_aux.index_logits, info.valid)
         else:
             kl = n = jnp.zeros((), jnp.float32)
         moe = jax.tree.map(lambda a: a[None], stats)
         latent = attn_aux.latent if shared is None else shared.latent
-        return MTPStep(out, self.shared_head.norm(out), GroupAux(moe, kl, n), topk, latent)
+        return MTPStep(out, self.shared_head.norm(out), GroupAux(moe, kl, n), topk, latent, attn_aux.keys)

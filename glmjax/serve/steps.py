@@ -1,0 +1,148 @@
+"""The serving engine's device programs, each one jitted function of static shape; the host only schedules.
+
+- `prefill`: one chunk of one request's prompt into its slot (target layers, and the MTP layer's rows when
+  drafting); the last chunk samples the first token and drafts from it.
+- `decode`: one token for every slot.
+- `speculative`: verify every slot's k drafts in one target forward, accept per row (greedy prefix match or
+  lossless rejection sampling), roll back by lengths, then draft the next k with the MTP layer: its first step
+  over the rows just verified (writing the MTP cache, running its indexer), later steps reusing that step's
+  top-k (IndexShare) and KV (KVShare).
+
+State per slot (`SlotState`): the cache length (target and MTP caches hold the same rows: MTP row j needs
+target hidden state j and token j + 1, and both exist once token j + 1 has been verified), the pending token
+(emitted, not yet in the cache), how many tokens the request has emitted (the position its randomness is keyed
+on), and the drafts for the next verification.
+
+Shapes: B slots, k drafts, V vocabulary, C prefill chunk.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from glmjax.model.transformer import GlmMoeDsa
+from glmjax.serve.forward import mtp_draft_step, mtp_forward, target_forward
+from glmjax.serve.kv_cache import KVCache, Rows
+from glmjax.serve.sampling import DRAFT_STREAM, TARGET_STREAM, SamplingArrays, rejection_accept, sample, target_probs
+
+
+class SlotState(NamedTuple):
+    """length [B] int32: rows in the cache; pending [B] int32: the last emitted token (not in the cache yet);
+    emitted [B] int32: tokens the request has emitted, pending included; drafts [B,k] int32 and draft_probs
+    [B,k,V] float32 (None unless drafts are sampled): the next tokens proposed by the MTP layer; sampling:
+    SamplingArrays of each slot's request."""
+
+    length: jax.Array
+    pending: jax.Array
+    emitted: jax.Array
+    drafts: jax.Array
+    draft_probs: jax.Array | None
+    sampling: SamplingArrays
+
+
+def init_state(slots: int, k: int, vocab: int, sampled_drafts: bool) -> SlotState:
+    zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
+    sampling = SamplingArrays(jnp.zeros((slots,), jnp.float32), zeros(), jnp.ones((slots,), jnp.float32),
+                              jnp.zeros((slots, 2), jnp.uint32))
+    return SlotState(zeros(), zeros(), zeros(), jnp.zeros((slots, k), jnp.int32),
+                     jnp.zeros((slots, k, vocab), jnp.float32) if sampled_drafts and k else None, sampling)
+
+
+def _row(x: jax.Array, i: jax.Array) -> jax.Array:
+    """x [B,T,...], i [B] -> [B,1,...]: row i[b] of each b."""
+    return jnp.take_along_axis(x, i.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _choose(model: GlmMoeDsa, normed: jax.Array, s: SamplingArrays, position: jax.Array, sampled: bool):
+    """A draft from MTP hidden states normed [B,1,D] at output position [B] -> (token [B], q [B,V] or None)."""
+    logits = model.head(normed)
+    if not sampled:
+        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), None
+    q = target_probs(logits, s)
+    return sample(q, s, position[:, None], DRAFT_STREAM)[:, 0], q[:, 0]
+
+
+def draft(model: GlmMoeDsa, cache: KVCache, first, last: jax.Array, state: SlotState, k: int, sampled: bool,
+          slots: jax.Array | None = None):
+    """k drafts after the MTP layer's first step `first` (MTPStep over T rows): row last[b] is the slot's
+    newest verified row; state holds the new lengths and emitted counts of the rows (cache slots `slots`, None:
+    all). Steps 1.. run in a scan (one MTP layer in the program, whatever k). -> (drafts [B,k], q [B,k,V] or
+    None)."""
+    out, topk, normed = _row(first.out, last), _row(first.topk, last), _row(first.normed, last)
+    tok, q = _choose(model, normed, state.sampling, state.emitted, sampled)
+    if k == 1:
+        return tok[:, None], (None if q is None else q[:, None])
+
+    def later(carry, s):
+        tok, out = carry
+        step = mtp_draft_step(model, cache, tok[:, None], out, topk, state.length, s, slots)
+        tok, q = _choose(model, step.normed, state.sampling, state.emitted + s, sampled)
+        return (tok, step.out), (tok, q)
+
+    _, (toks, qs) = jax.lax.scan(later, (tok, out), jnp.arange(1, k, dtype=jnp.int32))
+    drafts = jnp.concatenate([tok[:, None], toks.T], axis=1)
+    if not sampled:
+        return drafts, None
+    return drafts, jnp.concatenate([q[:, None], jnp.moveaxis(qs, 0, 1)], axis=1)
+
+
+def prefill(model: GlmMoeDsa, cache: KVCache, state: SlotState, slot: jax.Array, tokens: jax.Array,
+            next_tokens: jax.Array, start: jax.Array, count: jax.Array, last: jax.Array,
+            sampling: SamplingArrays, *, k: int, sampled_drafts: bool):
+    """One prompt chunk of the request in `slot`: tokens [1,C] at positions start.., count [] of them real;
+    next_tokens [1,C]: each token's successor in the prompt (for the MTP rows; after the prompt's last token
+    comes the first sampled one). last [] bool: the prompt's final chunk: the slot's state is set (first token
+    sampled, drafts made) only then. sampling: the request's SamplingArrays ([1] rows). One program for every
+    chunk. -> (cache, state, first token [])."""
+    rows = Rows(slot[None], start[None], count[None])
+    cache, hidden = target_forward(model, cache, tokens, rows)
+    end = count[None] - 1
+    probs = target_probs(model.head(_row(hidden, end)), sampling)
+    first_token = sample(probs, sampling, jnp.zeros((1, 1), jnp.int32), TARGET_STREAM)[:, 0]
+    row = SlotState(start[None] + count[None], first_token, jnp.ones((1,), jnp.int32), state.drafts[slot][None],
+                    None if state.draft_probs is None else state.draft_probs[slot][None], sampling)
+    if k:
+        nxt = jnp.where(last, first_token[0], next_tokens[0, end[0]])
+        cache, first = mtp_forward(model, cache, next_tokens.at[0, end[0]].set(nxt), hidden, rows)
+        drafts, q = draft(model, cache, first, end, row, k, sampled_drafts, rows.slots)
+        row = row._replace(drafts=drafts, draft_probs=q)
+    state = jax.tree.map(lambda a, r: a.at[slot].set(jnp.where(last, r[0], a[slot])), state, row)
+    return cache, state, first_token[0]
+
+
+def decode(model: GlmMoeDsa, cache: KVCache, state: SlotState, active: jax.Array):
+    """One token per slot (active [B] bool; inactive slots run as padding and keep their state).
+    -> (cache, state, tokens [B,1], accepted drafts [B] (zeros))."""
+    rows = Rows(None, state.length, active.astype(jnp.int32))
+    cache, hidden = target_forward(model, cache, state.pending[:, None], rows)
+    probs = target_probs(model.head(hidden), state.sampling)
+    tok = sample(probs, state.sampling, state.emitted[:, None], TARGET_STREAM)
+    state = state._replace(length=state.length + active, pending=jnp.where(active, tok[:, 0], state.pending),
+                           emitted=state.emitted + active)
+    return cache, state, tok, jnp.zeros_like(state.length)
+
+
+def speculative(model: GlmMoeDsa, cache: KVCache, state: SlotState, active: jax.Array, *, k: int,
+                sampled_drafts: bool):
+    """Verify the k drafts of every active slot, accept, and draft anew.
+    -> (cache, state, tokens [B,k+1] (the first accepted + 1 are emitted), accepted drafts [B])."""
+    tokens = jnp.concatenate([state.pending[:, None], state.drafts], axis=1)  # [B,k+1]
+    rows = Rows(None, state.length, jnp.where(active, k + 1, 0))
+    cache, hidden = target_forward(model, cache, tokens, rows)
+    p = target_probs(model.head(hidden), state.sampling)
+    positions = state.emitted[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+    accepted, out = rejection_accept(state.drafts, state.draft_probs, p, state.sampling, positions)
+    accepted = jnp.where(active, accepted, 0).astype(jnp.int32)
+    step = active.astype(jnp.int32) * (accepted + 1)
+    new = state._replace(length=state.length + step, emitted=state.emitted + step,
+                         pending=jnp.where(active, _row(out, accepted)[:, 0], state.pending))
+    # The MTP rows of the verified tokens: row i takes target hidden i and token i + 1, which is out[i] for
+    # every i <= accepted (an accepted draft equals out there; out[accepted] is the correction or bonus).
+    cache, first = mtp_forward(model, cache, out, hidden, Rows(None, state.length, step))
+    drafts, q = draft(model, cache, first, accepted, new, k, sampled_drafts)
+    new = new._replace(drafts=jnp.where(active[:, None], drafts, state.drafts),
+                       draft_probs=None if q is None else jnp.where(active[:, None, None], q, state.draft_probs))
+    return cache, new, out, accepted

@@ -1,0 +1,120 @@
+"""The serving engine against the no-cache reference decoder: KV-cache decoding and MTP speculative decoding
+(1, 3 and 7 draft steps) give the reference's greedy tokens, with chunked prefill, prompts of different
+lengths, a stop token in the middle, more requests than slots, and on a mesh of 8 CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import glmjax
+from glmjax.errors import InputError
+from glmjax.serve import greedy_decode_reference
+from glmjax.serve.engine import Engine, EngineConfig
+from glmjax.serve.requests import Request, SamplingParams
+from glmjax.sharding import make_mesh, shard_model
+from tests.conftest import GOLDEN
+
+NEW = 14
+LENGTHS = (5, 23, 40, 9)  # index_topk is 16: the longer prompts decode sparsely
+STOP_ROW = 2  # this prompt gets a stop token that its reference output hits in the middle
+
+
+def load(**opts):
+    return glmjax.load_pretrained(GOLDEN / "indexshare_freq", options=glmjax.ModelOptions(q_block=16, **opts))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load()
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    rng = np.random.default_rng(0)
+    return [[int(t) for t in rng.integers(2, model.config.vocab_size, n)] for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    """Greedy tokens per prompt, and a stop id for STOP_ROW: a token its output first shows at index >= 5 (the
+    reference decoder stops a row after its first stop token: tests/test_reference_decode.py)."""
+    want = greedy_decode_reference(model, prompts, NEW)
+    row = want[STOP_ROW]
+    i, stop = next((i, t) for i, t in enumerate(row) if i >= 5 and t not in row[:i])
+    want[STOP_ROW] = row[:i + 1]
+    return want, stop
+
+
+def requests(prompts, stop, **params):
+    return [Request(str(i), tuple(p), SamplingParams(max_tokens=NEW, temperature=0.0,
+                                                     stop_token_ids=(stop,) if i == STOP_ROW else (), **params),
+                    "completion") for i, p in enumerate(prompts)]
+
+
+ENGINE = dict(slots=2, max_len=64, prefill_chunk=16)  # 4 requests in 2 slots; prompts of up to 3 chunks
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7])
+def test_cache_and_speculative_greedy_equal_the_reference(model, prompts, reference, k):
+    want, stop = reference
+    engine = Engine(model, EngineConfig(num_speculative_tokens=k, **ENGINE))
+    out = engine.generate(requests(prompts, stop))
+    assert [c.tokens for c in out] == want
+    assert [c.finish_reason for c in out] == ["stop" if i == STOP_ROW else "length" for i in range(len(want))]
+    if k:
+        assert all(0 <= a <= k for c in out for a in c.accepted)
+        # A verification emits 1 + accepted tokens: the steps account for every token after the first.
+        assert all(sum(c.accepted) + c.steps >= len(c.tokens) - 1 for c in out)
+
+
+def test_greedy_on_a_mesh_equals_the_reference(prompts, reference, k=3):
+    want, stop = reference
+    mesh = make_mesh({"tensor": 4, "expert": 2})  # a slot per expert-parallel device, heads over tensor
+    model = shard_model(load(), mesh)
+    engine = Engine(model, EngineConfig(num_speculative_tokens=k, **ENGINE), mesh=mesh)
+    assert [c.tokens for c in engine.generate(requests(prompts, stop))] == want
+
+
+def test_mtp_drafts_equal_the_multi_step_mtp_of_training(model, prompts):
+    """After prefill the slot's k drafts are what backbone(mtp_steps=k) predicts at the prompt's last row when
+    fed the drafts themselves: step s uses the first step's top-k and KV (IndexShare + KVShare)."""
+    k = 3
+    engine = Engine(model, EngineConfig(num_speculative_tokens=k, **ENGINE))
+    prompt = prompts[1]
+    first = engine._prefill(0, Request("0", tuple(prompt), SamplingParams(temperature=0.0), "completion"))
+    drafts = [int(t) for t in np.asarray(engine.state.drafts[0])]
+    seq = jnp.asarray([prompt + [first] + drafts[:-1]], jnp.int32)
+    out = nnx.jit(lambda m, i: m.backbone(i, mtp_steps=k))(model, seq)
+    row = len(prompt) - 1
+    want = [int(jnp.argmax(model.head(h[:, row]), -1)[0]) for h in out.mtp_hidden]
+    assert drafts == want
+
+
+def test_continuous_batching_gives_each_request_its_tokens_alone(model, prompts):
+    """Sampled requests (seeded) come out the same whether they share the slots or run one at a time."""
+    engine = Engine(model, EngineConfig(num_speculative_tokens=2, draft_sampling="sample", **ENGINE))
+    reqs = [Request(str(i), tuple(p), SamplingParams(max_tokens=NEW, temperature=0.9, top_p=0.95, top_k=40,
+                                                     seed=100 + i), "completion") for i, p in enumerate(prompts)]
+    together = [c.tokens for c in engine.generate(reqs)]
+    alone = [engine.generate([r])[0].tokens for r in reqs]
+    assert together == alone
+    assert len({tuple(t) for t in together}) == len(reqs)
+
+
+def test_requests_that_cannot_fit_are_refused(model):
+    engine = Engine(model, EngineConfig(**ENGINE))
+    with pytest.raises(InputError, match="exceeds the engine's max_len 64"):
+        engine.check(Request("x", tuple(range(2, 60)), SamplingParams(max_tokens=10), "completion"))
+    with pytest.raises(InputError, match="no MTP layer"):
+        Engine(glmjax.load_pretrained(GOLDEN / "allfull_nomtp"), EngineConfig(num_speculative_tokens=2))
+
+
+def test_cache_rows_past_a_slots_length_are_never_read(model, prompts):
+    """Rolling back is only a length: filling every cache row past the lengths with garbage changes nothing."""
+    engine = Engine(model, EngineConfig(num_speculative_tokens=3, **ENGINE))
+    reqs = requests(prompts[:1], -1)
+    want = engine.generate(reqs)[0].tokens
+    engine.cache = jax.tree.map(lambda a: jnp.full_like(a, 1e4), engine.cache)
+    assert engine.generate(reqs)[0].tokens == want
