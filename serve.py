@@ -6,6 +6,7 @@ speculative decoding.
     python serve.py --checkpoint DIR --input requests.jsonl --output results.jsonl
     python serve.py --checkpoint DIR --prompt-ids 151331,151333,9707 --max-tokens 16
     python serve.py --checkpoint DIR --mesh tensor=4,expert=2 --input ... --output ...
+    python serve.py --compile-only --topology v5p:4x4x4 --mesh tensor=4,expert=16 --slots 64 --max-len 131072
 
 --input is an OpenAI batch file (one {"custom_id", "method", "url", "body"} per line, /v1/completions or
 /v1/chat/completions), as vLLM's run-batch reads it; --output gets one result or error record per line. A
@@ -15,21 +16,27 @@ rerun with the same --output answers only the requests not yet in it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
+if __name__ == "__main__" and "--compile-only" in sys.argv:
+    # libtpu compiles for the named topology on this host (set before jax starts); nothing runs on a TPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import glmjax
-from glmjax.errors import GlmjaxError, InputError
-from glmjax.model.inputs import check_prompts
-from glmjax.serve.batch_runner import BatchReport, count_lines, run_batch
-from glmjax.serve.engine import Engine, EngineConfig
-from glmjax.serve.requests import Request, SamplingParams
-from glmjax.serve.text import TextCodec
-from glmjax.sharding import MESH_AXES, make_mesh, shard_model
-from glmjax.weights import HFCheckpoint
+import jax.numpy as jnp  # noqa: E402
+
+import glmjax  # noqa: E402
+from glmjax.errors import GlmjaxError, InputError  # noqa: E402
+from glmjax.model.inputs import check_prompts  # noqa: E402
+from glmjax.serve.batch_runner import BatchReport, count_lines, run_batch  # noqa: E402
+from glmjax.serve.engine import Engine, EngineConfig  # noqa: E402
+from glmjax.serve.requests import Request, SamplingParams  # noqa: E402
+from glmjax.serve.text import TextCodec  # noqa: E402
+from glmjax.sharding import MESH_AXES, make_mesh  # noqa: E402
+from glmjax.weights import HFCheckpoint  # noqa: E402
 
 DEMO = Path(__file__).parent / "models" / "demo"
 # Prompts end before the newline: the demo tokenizer merges a newline with the next line's indent.
@@ -99,6 +106,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     en.add_argument("--prefill-chunk", type=count, default=256)
     en.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     en.add_argument("--mesh", type=mesh_shape, help="shard over the local devices, e.g. tensor=4,expert=2")
+    co = ap.add_argument_group("ahead-of-time compile for a TPU topology (runs on any host with libtpu)")
+    co.add_argument("--compile-only", action="store_true",
+                    help="compile the engine's step for --topology under --mesh and print per-chip memory")
+    co.add_argument("--topology", default="v5p:4x4x4")
+    co.add_argument("--config", type=Path, default=Path(__file__).parent / "configs" / "glm-5.2.json",
+                    help="model config.json for --compile-only (default GLM-5.2; --checkpoint's if given)")
+    co.add_argument("--program", choices=["speculative", "prefill"], default="speculative")
     args = ap.parse_args(argv)
     if (args.input is None) != (args.output is None):
         ap.error("--input and --output go together")
@@ -128,7 +142,6 @@ def build_engine(args, cfg) -> tuple[Engine, TextCodec | None, float]:
             mesh = make_mesh(args.mesh)
         except ValueError as e:
             raise InputError(f"--mesh: {e}") from None
-        shard_model(model, mesh)
     k = args.num_speculative_tokens
     if k is None:
         k = 3 if cfg.num_nextn_predict_layers else 0
@@ -180,7 +193,20 @@ def batch_run(args, engine: Engine) -> None:
         print(line)
 
 
+def compile_only(args) -> None:
+    from glmjax.serve.compile_only import compile_serve_step
+
+    cfg = HFCheckpoint(args.checkpoint).config if args.checkpoint else glmjax.load_config(args.config)
+    k = 3 if args.num_speculative_tokens is None else args.num_speculative_tokens
+    report = compile_serve_step(cfg, args.topology, args.mesh or {}, slots=args.slots,
+                                max_len=args.max_len or cfg.max_position_embeddings, k=k, program=args.program,
+                                prefill_chunk=args.prefill_chunk)
+    print(report.table())
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.compile_only:
+        return compile_only(args)
     # Inputs are checked before any weight is read: the checkpoint's config and headers (no tensor data),
     # then token-id prompts against them.
     cfg = HFCheckpoint(args.checkpoint).config if args.checkpoint else glmjax.load_config(DEMO / "config.json")

@@ -31,7 +31,7 @@ from glmjax.serve.kv_cache import KVCache, init_cache
 from glmjax.serve.requests import Request, fold_seed
 from glmjax.serve.sampling import sampling_arrays
 from glmjax.serve.text import StopChecker, TextCodec
-from glmjax.sharding import DEFAULT_RULES, logical_rules, logical_to_spec, mesh_axes, mesh_size
+from glmjax.sharding import DEFAULT_RULES, logical_rules, logical_to_spec, mesh_axes, mesh_size, shard_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +100,37 @@ class _Live:
                           self.accepted, time.perf_counter() - self.started)
 
 
+# Serving places weights without FSDP over the expert axis: training's FSDP layout would all-gather every
+# non-expert weight on every decode step (8.25 GiB per chip per GLM-5.2 step on a tensor 4 x expert 16
+# mesh); held whole over expert they cost 8 GiB more per chip and the step gathers only activations.
+SERVE_RULES = {**DEFAULT_RULES, "embed": ("fsdp", "context"), "mtp_in": ("fsdp", "context")}
+
+
+def slot_shardings(cache: KVCache, state: steps.SlotState, mesh: Mesh) -> tuple[KVCache, steps.SlotState]:
+    """The engine's placement of cache and slot state (NamedShardings; works on arrays and ShapeDtypeStructs):
+    every array's slot axis split over the mesh's batch axes (outside the MoE the expert axis is data-parallel,
+    so each expert-parallel group attends for its own slots), the rest replicated: MLA's one latent row serves
+    every head, so splitting heads over tensor would not split the cache (sequence sharding comes with
+    1M-context serving). Slot axes: latent [G, L, B, S, W] 2, index_keys [G, B, S, DI] 1, the MTP cache
+    [B, S, ...] and every SlotState field [B, ...] 0."""
+    batch = logical_to_spec(("batch",), mesh=mesh)[0]
+
+    def on(slot_axis: int):
+        def sharding(a) -> NamedSharding:
+            axes = [None] * len(a.shape)
+            axes[slot_axis] = batch
+            return NamedSharding(mesh, PartitionSpec(*axes))
+        return sharding
+
+    cache_sh = KVCache(tuple(map(on(2), cache.latent)), tuple(map(on(1), cache.index_keys)),
+                       None if cache.mtp_latent is None else on(0)(cache.mtp_latent),
+                       None if cache.mtp_index_keys is None else on(0)(cache.mtp_index_keys))
+    return cache_sh, jax.tree.map(on(0), state)
+
+
 class Engine:
-    """Generation over a model (placed on `mesh` already, if any: glmjax.sharding.shard_model).
+    """Generation over a model; with `mesh`, the engine places the model (SERVE_RULES), cache and slot state on
+    it.
 
     run(requests) yields a Completion per request as it finishes (not in request order). Prompts must fit:
     len(prompt) + max_tokens <= config.max_len (else InputError; the batch runner checks this per line)."""
@@ -131,25 +160,14 @@ class Engine:
         self.stats = dict(prefill_s=0.0, step_s=0.0, steps=0)
 
     def _place_on(self, mesh: Mesh) -> None:
-        """Slots split over the mesh's batch axes (the expert axis is data-parallel outside the MoE, so each
-        expert-parallel device attends for its own slots); within a slot the latent cache is replicated over
-        tensor, as MLA's one latent row serves every head (sequence sharding comes with 1M-context serving)."""
         n = mesh_size(mesh_axes("batch", mesh), mesh)
         if self.config.slots % n:
             raise InputError(f"slots: {self.config.slots} slots do not split over the mesh's batch axes "
                              f"{list(mesh_axes('batch', mesh))} ({n} devices); use a multiple of {n}")
-        spec = logical_to_spec(("batch",), mesh=mesh)
-
-        def put(a, slot_axis):
-            axes = [None] * a.ndim
-            axes[slot_axis] = spec[0]
-            return jax.device_put(a, NamedSharding(mesh, PartitionSpec(*axes)))
-
-        self.state = jax.tree.map(lambda a: put(a, 0), self.state)
-        c = self.cache
-        self.cache = KVCache(tuple(put(a, 2) for a in c.latent), tuple(put(a, 1) for a in c.index_keys),
-                             None if c.mtp_latent is None else put(c.mtp_latent, 0),
-                             None if c.mtp_index_keys is None else put(c.mtp_index_keys, 0))
+        with logical_rules(SERVE_RULES):
+            shard_model(self.model, mesh, SERVE_RULES)
+            self.cache, self.state = jax.device_put((self.cache, self.state),
+                                                    slot_shardings(self.cache, self.state, mesh))
 
     # ------------------------------------------------------------------------------------------ programs
 
@@ -158,15 +176,16 @@ class Engine:
         # itself is not hashable (the config holds dicts).
         key = (repr(self.model.config), self.model.options, name, tuple(sorted(static.items())))
         if key not in _PROGRAMS:
-            _PROGRAMS[key] = _jit(self.graphdef, name, dict(static))
+            _PROGRAMS[key] = jit_program(self.graphdef, name, dict(static))
         return _PROGRAMS[key]
 
     def _call(self, name: str, *args, **static):
         with contextlib.ExitStack() as scope:
             if self.mesh is not None:
                 scope.enter_context(jax.set_mesh(self.mesh))
-                if name == "prefill":  # one request: its batch of 1 is not split (every device computes it)
-                    scope.enter_context(logical_rules({**DEFAULT_RULES, "batch": ()}))
+                # One request: a prefill chunk's batch of 1 is not split (every device of its slot group
+                # computes it).
+                scope.enter_context(logical_rules({**SERVE_RULES, "batch": ()} if name == "prefill" else SERVE_RULES))
             out = self._program(name, **static)(self.params, self.cache, self.state, *args)
         self.cache, self.state = out[0], out[1]
         return out[2:]
@@ -260,7 +279,7 @@ class Engine:
 _PROGRAMS: dict = {}
 
 
-def _jit(graphdef, name: str, static: dict):
+def jit_program(graphdef, name: str, static: dict):
     """The jitted program `steps.<name>` (model parameters, cache and slot state in; cache and state donated)."""
     fn = getattr(steps, name)
 

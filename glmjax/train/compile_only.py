@@ -64,7 +64,7 @@ class CompileReport:
         return "\n".join(lines)
 
 
-def _shard_bytes(tree) -> int:
+def shard_bytes(tree) -> int:
     """Bytes one device holds of abstract arrays carrying NamedShardings (the largest per-device share)."""
     total = 0
     for x in jax.tree.leaves(tree):
@@ -123,7 +123,7 @@ def compile_train_step(cfg: TrainConfig, topology: str) -> CompileReport:
     compiled, seconds, ma, flops = compile_and_measure(jitted, mesh, model_sd, opt_sd, batch_sd)
     kind = devices[0].device_kind
     hbm = HBM_GIB.get(kind)
-    params, opt_bytes, batch_bytes = _shard_bytes(model_sd), _shard_bytes(opt_sd), _shard_bytes(batch_sd)
+    params, opt_bytes, batch_bytes = shard_bytes(model_sd), shard_bytes(opt_sd), shard_bytes(batch_sd)
     total = int(ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
                 - ma.alias_size_in_bytes)
     return CompileReport(topology=topology, chips=len(devices), device_kind=kind,

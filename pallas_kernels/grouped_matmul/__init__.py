@@ -24,8 +24,18 @@ GMM_IMPLS: tuple[str, ...] = ("megablox", "ragged_dot", "tiled")
 _BY_BACKEND = {"tpu": "megablox", "gpu": "ragged_dot", "cpu": "tiled"}
 # Rows per tile of the CPU loop: smaller tiles waste fewer padded rows at group boundaries (at most
 # G * (tm - 1)), larger ones pay the loop's per-iteration cost less often. 64 measured best for the
-# benchmark's MoE (docs/moe.md).
+# benchmark's MoE (docs/moe.md) in prefill. With few rows per group (decode: 4 tokens x top-8 over 32
+# experts) nearly every visit is one group's row or two in a 64-row tile, so the tile shrinks to the rows a
+# group has on average, down to 8: a decode step's MoE took 13.8 ms per layer at 64 and 1.1 ms at 8.
 CPU_TILE = 64
+CPU_MIN_TILE = 8
+
+
+def cpu_tile(rows: int, groups: int) -> int:
+    """The CPU loop's tile for `rows` rows over `groups` groups: the average rows per group rounded up to a
+    power of two, within [CPU_MIN_TILE, CPU_TILE]."""
+    per_group = max(1, -(-rows // max(groups, 1)))
+    return min(CPU_TILE, max(CPU_MIN_TILE, 1 << (per_group - 1).bit_length()))
 
 
 def default_impl() -> str:
@@ -47,11 +57,11 @@ def check_impl(impl: str | None, interpret: bool = False) -> str:
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str | None = None,
                    transpose_rhs: bool = False, interpret: bool = False,
-                   preferred_element_type=jnp.float32, tile: int = CPU_TILE) -> jax.Array:
+                   preferred_element_type=jnp.float32, tile: int | None = None) -> jax.Array:
     """lhs [M,K], rhs [G,K,N] ([G,N,K] with transpose_rhs), group_sizes [G] int32 with sum <= M -> [M,N].
 
     Products accumulate in float32; the result has preferred_element_type. `tile` is the CPU loop's rows per
-    tile."""
+    tile (None: `cpu_tile(M, G)`)."""
     if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != rhs.shape[:1]:
         raise ValueError(f"grouped_matmul: want lhs [M,K], rhs [G,K,N], group_sizes [G]; got {lhs.shape}, "
                          f"{rhs.shape}, {group_sizes.shape}")
@@ -65,7 +75,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
     # broadcast then happens here, where autodiff turns it into the psum of the weight gradient.
     lhs, rhs, group_sizes = (varying_like(a, lhs, rhs, group_sizes) for a in (lhs, rhs, group_sizes))
     if impl == "tiled":
-        return gmm_tiled(lhs, rhs, group_sizes, int(tile), bool(transpose_rhs), jnp.dtype(preferred_element_type))
+        tile = cpu_tile(lhs.shape[0], rhs.shape[0]) if tile is None else int(tile)
+        return gmm_tiled(lhs, rhs, group_sizes, tile, bool(transpose_rhs), jnp.dtype(preferred_element_type))
     if impl == "ragged_dot":
         return gmm_ragged_dot(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=preferred_element_type)
     return gmm_megablox(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=preferred_element_type,

@@ -1,0 +1,197 @@
+"""`serve.py --compile-only`: the serving engine's device programs compiled ahead of time for a TPU topology.
+
+The program is the one `Engine` runs (`glmjax.serve.engine.jit_program` over `glmjax.serve.steps`): by default one
+speculative step (verify k drafts per slot in one target forward over the KV cache, accept, roll back by
+lengths, draft the next k with the MTP layer), or plain decoding (k = 0), or one prefill chunk. It is lowered
+with an abstract model (bf16 weights placed by the rules), an abstract lane-padded bf16 cache and slot state
+placed like the engine places them (`slot_shardings`), and compiled by the TPU compiler (libtpu; Pallas
+Mosaic kernels included) on a mesh over the named topology's chips. Cache and slot state are donated, as in
+the engine, so the report's total is what one chip holds at the step's peak: weights + cache + slot state +
+the step's temporaries (+ the few output bytes that do not alias an input).
+
+The caller sets up libtpu before jax first touches it (`import benchmarks.tpu_aot`, or
+ALLOW_MULTIPLE_LIBTPU_LOAD=1 and JAX_PLATFORMS=cpu as `train.py --compile-only` does):
+
+    report = compile_serve_step(glmjax.load_config("configs/glm-5.2.json"), "v5p:4x4x4",
+                                {"tensor": 4, "expert": 16}, slots=64, max_len=131072, k=3)
+    print(report.table())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from glmjax.config import GlmMoeDsaConfig
+from glmjax.errors import ConfigError
+from glmjax.model.options import ModelOptions
+from glmjax.model.transformer import GlmMoeDsa
+from glmjax.serve import steps
+from glmjax.serve.engine import SERVE_RULES, jit_program, slot_shardings
+from glmjax.serve.kv_cache import cache_shapes
+from glmjax.serve.sampling import SamplingArrays
+from glmjax.sharding import (
+    logical_rules,
+    make_mesh,
+    mesh_axes,
+    mesh_size,
+    param_shardings,
+)
+from glmjax.train.checkpointing import with_shardings
+from glmjax.train.compile_only import HBM_GIB, compile_and_measure, shard_bytes
+
+GiB = 2**30
+Program = Literal["speculative", "prefill"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeCompileReport:
+    """Per-chip memory and cost of one compiled serving program.
+
+    program: "speculative" (k >= 1), "decode" (k = 0) or "prefill" (one chunk of one request); slot_split:
+    devices the slots are split over (the mesh's batch axes); tokens: target-forward tokens per call (slots x
+    (k + 1), or the prefill chunk). Byte counts are per chip: weights (bf16 parameters as placed by the
+    rules), cache ([G, L, slots / slot_split, max_len, 640] latents, indexer keys, the MTP layer's), state
+    (SlotState), temporaries (the compiler's temp_size), outputs (those that alias no donated input: the
+    tokens); aliased_bytes: the donated input bytes the outputs reuse (>= cache + state when the donation
+    took). total_bytes is what the chip holds at the step's peak: weights + cache + state + temporaries +
+    outputs. (Not the compiler's argument size: jit drops unused arguments, e.g. the MTP weights of a k = 0
+    decode step, which the engine holds all the same.)"""
+
+    program: str
+    topology: str
+    chips: int
+    device_kind: str
+    mesh: tuple[tuple[str, int], ...]
+    slots: int
+    slot_split: int
+    max_len: int
+    k: int
+    tokens: int
+    hbm_bytes: float | None
+    weight_bytes: int
+    cache_bytes: int
+    state_bytes: int
+    temp_bytes: int
+    output_bytes: int
+    aliased_bytes: int
+    flops: float
+    mosaic_kernels: int
+    compile_seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.cache_bytes + self.state_bytes + self.temp_bytes + self.output_bytes
+
+    def table(self) -> str:
+        mesh = " x ".join(f"{a} {n}" for a, n in self.mesh) or "one chip"
+        what = {"speculative": f"verify {self.k} drafts + draft {self.k}", "decode": "one token",
+                "prefill": f"one {self.tokens}-token chunk"}[self.program]
+        rows = [("weights (bf16)", self.weight_bytes),
+                (f"KV cache ({self.slots // self.slot_split} of {self.slots} slots x {self.max_len:,} tokens)",
+                 self.cache_bytes),
+                ("slot state", self.state_bytes), ("temporaries", self.temp_bytes),
+                ("outputs (tokens)", self.output_bytes), ("total per chip", self.total_bytes)]
+        lines = [f"{self.topology}: {self.chips} chips ({self.device_kind}), mesh {mesh}; "
+                 f"{self.program} step ({what})"]
+        lines += [f"  {k:<56s} {v / GiB:9.2f} GiB" for k, v in rows]
+        if self.hbm_bytes:
+            free = 1 - self.total_bytes / self.hbm_bytes
+            lines.append(f"  {'HBM per chip':<56s} {self.hbm_bytes / GiB:9.2f} GiB  ({100 * free:.1f}% headroom)")
+        donated = self.cache_bytes + self.state_bytes
+        lines.append(f"  cache and state updated in place: {'yes' if self.aliased_bytes >= donated else 'NO'} "
+                     f"({self.aliased_bytes / GiB:.2f} of {donated / GiB:.2f} GiB aliased)")
+        lines.append(f"  compiled FLOPs per chip {self.flops:.3e} (XLA counts each scanned loop body once); "
+                     f"{self.tokens:,} target tokens per step")
+        lines.append(f"  Mosaic kernels in the program: {self.mosaic_kernels}; "
+                     f"compiled in {self.compile_seconds:.0f} s")
+        return "\n".join(lines)
+
+
+def serve_options(dtype=jnp.bfloat16) -> ModelOptions:
+    """The model options of TPU serving: bf16 weights and activations, Pallas Mosaic DSA kernels (so the
+    cache is stored lane-padded, 640 wide), megablox experts, no remat (no backward)."""
+    return ModelOptions(dtype=dtype, param_dtype=dtype, attention_impl="pallas_tpu", interpret=False,
+                        moe_gmm_impl="megablox", remat="none")
+
+
+def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mapping[str, int], *, slots: int,
+                       max_len: int, k: int, dtype=jnp.bfloat16, program: Program = "speculative",
+                       prefill_chunk: int = 4096, rules: Mapping[str, tuple[str, ...]] = SERVE_RULES
+                       ) -> ServeCompileReport:
+    """Compiles one serving step of `config` for every chip of `topology` (e.g. "v5p:4x4x4") under a mesh of
+    `mesh_shape` (e.g. {"tensor": 4, "expert": 16}; its sizes must multiply to the topology's chips).
+
+    program "speculative": the engine's per-step program for slots sequences of up to max_len tokens with k
+    greedy MTP drafts (k = 0: plain decoding, steps.decode); "prefill": one prefill_chunk-token chunk of one
+    request (steps.prefill, with the MTP rows and k drafts when k >= 1). The cache is [.., slots, max_len, 640]
+    bf16 (the TPU kernels' lane-padded width) plus the MTP layer's when k >= 1. rules: the logical-axis rules
+    the weights are placed and the program traced by (the engine's SERVE_RULES by default; DEFAULT_RULES
+    would FSDP-split the non-expert weights over expert and all-gather them every step). -> ServeCompileReport."""
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    n = math.prod(mesh_shape.values()) if mesh_shape else 1
+    if n != len(devices):
+        raise ConfigError(f"mesh: {dict(mesh_shape)} has {n} devices; topology {topology} has {len(devices)}")
+    if k < 0:
+        raise ConfigError(f"k: must be >= 0, got {k}")
+    mesh = make_mesh(mesh_shape, devices)
+    with logical_rules(rules):
+        batch_axes = mesh_axes("batch", mesh)
+    split = mesh_size(batch_axes, mesh)
+    if slots % split:
+        raise ConfigError(f"slots: {slots} slots do not split over the mesh's batch axes {list(batch_axes)} "
+                          f"({split} devices); use a multiple of {split}")
+
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        model = nnx.eval_shape(lambda: GlmMoeDsa(config, serve_options(dtype), rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
+    params_sd = with_shardings(params, param_shardings(model, mesh, rules))
+
+    cache = cache_shapes(config, slots, max_len, mtp=bool(k), dtype=dtype, lane_padded=True)
+    state = jax.eval_shape(lambda: steps.init_state(slots, k, config.vocab_size, False))
+    with logical_rules(rules):
+        cache_sh, state_sh = slot_shardings(cache, state, mesh)
+    cache_sd, state_sd = with_shardings(cache, cache_sh), with_shardings(state, state_sh)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=replicated)  # noqa: E731
+    trace_rules = rules
+    if program == "speculative":
+        name = "speculative" if k else "decode"
+        static = dict(k=k, sampled_drafts=False) if k else {}
+        args = (arg((slots,), jnp.bool_),)  # active
+        tokens = slots * (k + 1)
+    elif program == "prefill":
+        name, static, tokens = "prefill", dict(k=k, sampled_drafts=False), prefill_chunk
+        scalar = arg((), jnp.int32)
+        sampling = SamplingArrays(arg((1,), jnp.float32), arg((1,), jnp.int32), arg((1,), jnp.float32),
+                                  arg((1, 2), jnp.uint32))
+        # slot, tokens, next_tokens, start, count, last, sampling
+        args = (scalar, arg((1, prefill_chunk), jnp.int32), arg((1, prefill_chunk), jnp.int32), scalar, scalar,
+                arg((), jnp.bool_), sampling)
+        trace_rules = {**rules, "batch": ()}  # as Engine._call: one request, its batch of 1 not split
+    else:
+        raise ConfigError(f"program: {program!r} is not 'speculative' or 'prefill'")
+
+    with logical_rules(trace_rules):
+        compiled, seconds, ma, flops = compile_and_measure(jit_program(graphdef, name, static), mesh, params_sd,
+                                                           cache_sd, state_sd, *args)
+    kind = devices[0].device_kind
+    hbm = HBM_GIB.get(kind)
+    return ServeCompileReport(
+        program=name, topology=topology, chips=len(devices), device_kind=kind,
+        mesh=tuple((a, int(s)) for a, s in mesh.shape.items() if s > 1), slots=slots, slot_split=split,
+        max_len=max_len, k=k, tokens=tokens, hbm_bytes=None if hbm is None else hbm * GiB,
+        weight_bytes=shard_bytes(params_sd), cache_bytes=shard_bytes(cache_sd), state_bytes=shard_bytes(state_sd),
+        temp_bytes=int(ma.temp_size_in_bytes), aliased_bytes=int(ma.alias_size_in_bytes),
+        output_bytes=max(0, int(ma.output_size_in_bytes - ma.alias_size_in_bytes)), flops=flops,
+        mosaic_kernels=compiled.as_text().count("tpu_custom_call"), compile_seconds=seconds)

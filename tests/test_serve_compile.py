@@ -1,0 +1,60 @@
+"""The serving engine's speculative step compiled ahead of time for a multi-chip TPU (v5p 2x2x1, 4 chips) under a
+tensor x expert mesh, at GLM-5.2's dims with two decoder layers (one dense, one MoE) plus the MTP layer, 16
+experts and a 16K vocabulary (as tests/test_aot_model.py). The full 753B step (64 slots x 128K, v5p:4x4x4)
+is `python serve.py --compile-only`; it takes minutes on a CPU host."""
+
+import importlib.util
+
+import jax.numpy as jnp
+import pytest
+
+import glmjax
+from glmjax.errors import ConfigError
+from glmjax.serve.kv_cache import bytes_per_token
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+
+TOPOLOGY = "v5p:2x2x1"
+MESH = {"tensor": 2, "expert": 2}
+SLOTS, MAX_LEN, K = 4, 4096, 3
+
+
+def small_glm52():
+    cfg = glmjax.load_config(REPO / "configs" / "glm-5.2.json")
+    return cfg.replace(num_hidden_layers=2, first_k_dense_replace=1, index_topk_pattern="FS", index_topk_freq=None,
+                       index_skip_topk_offset=None, n_routed_experts=16, n_group=1, topk_group=1, vocab_size=16384)
+
+
+def test_speculative_step_compiles_on_a_tensor_expert_mesh():
+    import benchmarks.tpu_aot  # noqa: F401  (libtpu environment)
+    from glmjax.serve.compile_only import compile_serve_step
+
+    cfg = small_glm52()
+    report = compile_serve_step(cfg, TOPOLOGY, MESH, slots=SLOTS, max_len=MAX_LEN, k=K)
+    print(report.table())
+    assert report.program == "speculative" and report.chips == 4 and report.slot_split == 2
+    assert report.mosaic_kernels > 0  # indexer scores, top-k, sparse MLA, megablox
+    # Lane-padded bf16 rows of the 2 layers + MTP, indexer keys of the full layers + MTP; slots split over
+    # expert (the batch axes), rows replicated over tensor.
+    per_token = bytes_per_token(cfg, mtp=True, dtype=jnp.bfloat16, lane_padded=True)
+    assert per_token == 3 * 640 * 2 + 2 * 128 * 2
+    assert report.cache_bytes == per_token * SLOTS * MAX_LEN // MESH["expert"]
+    assert report.weight_bytes > 0 and report.temp_bytes > 0
+    assert 0 < report.output_bytes < 2**20  # tokens [B, k+1] and accepted [B]: all else aliases an input
+    assert report.total_bytes == (report.weight_bytes + report.cache_bytes + report.state_bytes
+                                  + report.temp_bytes + report.output_bytes)
+    assert report.aliased_bytes >= report.cache_bytes + report.state_bytes  # cache and state updated in place
+    assert report.flops > 0
+    table = report.table()
+    assert "total per chip" in table and "HBM per chip" in table and "updated in place: yes" in table
+
+
+def test_slots_must_split_over_the_batch_axes():
+    import benchmarks.tpu_aot  # noqa: F401
+    from glmjax.serve.compile_only import compile_serve_step
+
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        compile_serve_step(small_glm52(), TOPOLOGY, MESH, slots=3, max_len=MAX_LEN, k=K)
+    with pytest.raises(ConfigError, match="has 2 devices"):
+        compile_serve_step(small_glm52(), TOPOLOGY, {"tensor": 2}, slots=SLOTS, max_len=MAX_LEN, k=K)
