@@ -17,3 +17,14 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).parent.parent
+
+
+def three_layer_indexshare_config():
+    """indexshare_freq's config (IndexShare, MTP, n_group 4) cut from 7 layers to 3 that still hold every kind
+    of layer it has: dense with a full indexer, MoE sharing that layer's top-k, MoE with its own indexer. For
+    tests that build a random model for its structure: each layer is its own code in a compiled step, and
+    compiling is nearly all of their time."""
+    import glmjax
+
+    return glmjax.load_config(GOLDEN / "indexshare_freq" / "config.json").replace(
+        num_hidden_layers=3, first_k_dense_replace=1, index_topk_freq=2, index_skip_topk_offset=1)

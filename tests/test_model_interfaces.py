@@ -10,11 +10,11 @@ from flax import nnx
 import glmjax
 from glmjax.model.attention import Keys, SequenceInfo
 from glmjax.model.moe import RouterBias
-from tests.conftest import GOLDEN
+from tests.conftest import three_layer_indexshare_config
 
 
-def model_of(name="indexshare_freq", **opts):
-    cfg = glmjax.load_config(GOLDEN / name / "config.json")
+def model_of(**opts):
+    cfg = three_layer_indexshare_config()  # 3 layers (dense, MoE; full and shared indexers), MTP, n_group 4
     return glmjax.GlmMoeDsa(cfg, glmjax.ModelOptions(q_block=16, **opts), rngs=nnx.Rngs(1))
 
 
@@ -59,7 +59,7 @@ def test_moe_aux_counts_routed_tokens():
     model = model_of()
     ids = ids_of(2, 24)
     mask = jnp.ones((2, 24), jnp.int32).at[0, :4].set(0)
-    out = model.backbone(ids, mask)
+    out = nnx.jit(lambda m, i, a: m.backbone(i, a))(model, ids, mask)  # one compile, not op by op
     cfg = model.config
     n_moe = sum(1 for m in cfg.mlp_schedule if m == "sparse")
     load = np.asarray(out.aux.moe.load)
@@ -135,29 +135,36 @@ def test_mtp_steps_share_the_first_steps_topk_and_kv():
     out = nnx.jit(lambda m, i: m.backbone(i, mtp_steps=steps))(model, ids)
     assert len(out.mtp_hidden) == steps and out.mtp_aux.indexer_kl.shape == (steps,)
 
-    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    zeros = jnp.zeros((B, T), jnp.int32)
-    mtp = model.mtp[0]
+    def drafter(model, ids, h):
+        """The MTP steps one after another (jitted as one program rather than run op by op)."""
+        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        zeros = jnp.zeros((B, T), jnp.int32)
+        mtp = model.mtp[0]
 
-    def shifted(a, n, fill):
-        return jnp.concatenate([a[:, n:], jnp.full((B, n), fill, a.dtype)], axis=1)
+        def shifted(a, n, fill):
+            return jnp.concatenate([a[:, n:], jnp.full((B, n), fill, a.dtype)], axis=1)
 
-    first = None
-    h = out.hidden
+        first = None
+        normed = []
+        for s in range(steps):
+            valid = shifted(jnp.ones((B, T), bool), 1 + s, False)
+            info = model.sequence_info(pos + s, pos, zeros, valid)
+            embeds = model.embed_tokens(shifted(ids, 1 + s, 0))
+            if first is None:
+                step = mtp(embeds, h, info)
+                first = step
+                cache = Keys(step.latent, None, jnp.ones((B, T), bool))
+            else:
+                step = mtp(embeds, h, info, topk=first.topk, keys=cache)
+            normed.append(step.normed)
+            h = step.out
+        return normed
+
+    drafted = nnx.jit(drafter)(model, ids, out.hidden)
     for s in range(steps):
-        valid = shifted(jnp.ones((B, T), bool), 1 + s, False)
-        info = model.sequence_info(pos + s, pos, zeros, valid)
-        embeds = model.embed_tokens(shifted(ids, 1 + s, 0))
-        if first is None:
-            step = mtp(embeds, h, info)
-            first = step
-            cache = Keys(step.latent, None, jnp.ones((B, T), bool))
-        else:
-            step = mtp(embeds, h, info, topk=first.topk, keys=cache)
         rows = T - 1 - s  # rows whose input token exists
-        np.testing.assert_allclose(np.asarray(out.mtp_hidden[s][:, :rows]), np.asarray(step.normed[:, :rows]),
+        np.testing.assert_allclose(np.asarray(out.mtp_hidden[s][:, :rows]), np.asarray(drafted[s][:, :rows]),
                                    atol=2e-5)
-        h = step.out
     # Step 0 is what the model's own MTP logits are made of.
     logits = nnx.jit(lambda m, i: m(i))(model, ids).mtp_logits
     np.testing.assert_allclose(np.asarray(logits), np.asarray(model.head(out.mtp_hidden[0])[:, :-1]), atol=1e-5)

@@ -37,11 +37,18 @@ def golden():
     return [jnp.tile(jnp.asarray(g[k]), (4, 1)) for k in ("input_ids", "attention_mask", "position_ids")]
 
 
+@pytest.fixture(scope="module")
+def unsharded(golden):
+    """The unsharded forward, computed once for every mesh."""
+    return forward(glmjax.load_pretrained(GOLDEN / "indexshare_freq", options=glmjax.ModelOptions(q_block=16)),
+                   *golden)
+
+
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: "x".join(f"{k}{v}" for k, v in s.items()))
-def test_sharded_equals_unsharded(mesh_shape, golden):
+def test_sharded_equals_unsharded(mesh_shape, golden, unsharded):
     assert len(jax.devices()) == 8
     opts = glmjax.ModelOptions(q_block=16)
-    ref = forward(glmjax.load_pretrained(GOLDEN / "indexshare_freq", options=opts), *golden)
+    ref = unsharded
 
     mesh = make_mesh(mesh_shape)
     model = shard_model(glmjax.load_pretrained(GOLDEN / "indexshare_freq", options=opts), mesh)
