@@ -106,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     en.add_argument("--prefill-chunk", type=count, default=256)
     en.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     en.add_argument("--mesh", type=mesh_shape, help="shard over the local devices, e.g. tensor=4,expert=2")
+    en.add_argument("--scan-layers", action="store_true",
+                    help="run the stacked IndexShare groups in a lax.scan (faster compiles); by default every "
+                         "group has its own weights, which a scan would copy out of the stack on every step")
     co = ap.add_argument_group("ahead-of-time compile for a TPU topology (runs on any host with libtpu)")
     co.add_argument("--compile-only", action="store_true",
                     help="compile the engine's step for --topology under --mesh and print per-chip memory")
@@ -135,7 +138,9 @@ def max_len(args, cfg) -> int:
 def build_engine(args, cfg) -> tuple[Engine, TextCodec | None, float]:
     path = args.checkpoint or demo_checkpoint()
     t0 = time.perf_counter()
-    model = glmjax.load_pretrained(path, dtype=getattr(jnp, args.dtype))
+    dtype = getattr(jnp, args.dtype)
+    model = glmjax.load_pretrained(path, options=glmjax.ModelOptions(dtype=dtype, param_dtype=dtype,
+                                                                     scan_layers=args.scan_layers))
     mesh = None
     if args.mesh:
         try:

@@ -6,7 +6,8 @@ against transformers' `generate`, side by side in one run.
 Part 1, the 8-layer 32-expert checkpoint of bench_prefill_cpu (random weights, written by transformers'
 `save_pretrained` the first time, so without an MTP layer): batch 4 x 256-token prompts (random ids), greedy,
 64 new tokens each (EOS ignored), float32. transformers runs `generate` (its KV cache, `use_cache=True`) in
-its own environment as a subprocess of this script; glmjax runs the engine with 4 slots. Each side
+its own environment as a subprocess of this script; glmjax runs the engine with 4 slots, its layers
+unscanned as serve.py loads them, and for comparison scanned (ModelOptions.scan_layers). Each side
 is timed after a warm-up run (compilation, for glmjax), the median of --repeats runs; the greedy tokens of the
 two are compared (DSA's top-k can flip at rounding-level near-ties, so agreement is reported, not asserted).
 
@@ -123,6 +124,9 @@ def main(argv=None) -> int:
     from benchmarks.bench_prefill_cpu import BENCH_CONFIG
     from serve import DEMO, DEMO_PROMPTS
 
+    # As serve.py loads: float32 here, every IndexShare group with its own weights (no scan).
+    F32_SERVING = glmjax.ModelOptions(dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=False)
+
     B, P, N = args.batch, args.prompt_len, args.new
     ids = np.random.default_rng(0).integers(2, BENCH_CONFIG["vocab_size"], (B, P)).astype(np.int32)
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,9 +137,13 @@ def main(argv=None) -> int:
         hf_tokens = np.load(out_file)
     hf_s = statistics.median(hf["times"])
 
-    model = glmjax.load_pretrained(args.checkpoint, dtype=jnp.float32)
     max_len = P + N + 8
+    model = glmjax.load_pretrained(args.checkpoint, options=F32_SERVING)
     plain_s, plain = engine_time(model, ids, N, 0, args.repeats, B, max_len, P)
+    del model
+    scanned = glmjax.load_pretrained(args.checkpoint, dtype=jnp.float32)  # ModelOptions.scan_layers=True
+    scanned_s, _ = engine_time(scanned, ids, N, 0, args.repeats, B, max_len, P)
+    del scanned
     # transformers' checkpoint has no MTP layer (transformers does not build it); random weights would draft
     # nothing anyway: speculation is measured on the demo model below.
     same = np.array([c.tokens for c in plain]) == hf_tokens
@@ -143,7 +151,8 @@ def main(argv=None) -> int:
     print(f"generate, {B} x {P}-token prompts, {N} new tokens each, greedy, float32, {os.cpu_count()} CPUs, "
           f"median of {args.repeats} (jax {jax.__version__}, transformers {hf['transformers']}, torch {hf['torch']}, "
           f"{hf['threads']} threads)")
-    rows = [("transformers generate", hf_s, "-"), ("glmjax plain decode", plain_s, "-")]
+    rows = [("transformers generate", hf_s, "-"), ("glmjax plain decode", plain_s, "-"),
+            ("glmjax plain, scanned layers", scanned_s, "-")]
     for name, s, acc in rows:
         print(f"  {name:<30s} {s:7.3f} s  {B * N / s:8.1f} tokens/s  {hf_s / s:6.2f}x transformers  "
               f"acceptance length {acc}")
@@ -151,7 +160,7 @@ def main(argv=None) -> int:
           flush=True)
 
     from tokenizers import Tokenizer
-    demo = glmjax.load_pretrained(DEMO, dtype=jnp.float32)
+    demo = glmjax.load_pretrained(DEMO, options=F32_SERVING)
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     prompts = [tok.encode(t).ids for t in DEMO_PROMPTS]
     M = args.demo_new

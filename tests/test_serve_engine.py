@@ -118,3 +118,24 @@ def test_cache_rows_past_a_slots_length_are_never_read(model, prompts):
     want = engine.generate(reqs)[0].tokens
     engine.cache = jax.tree.map(lambda a: jnp.full_like(a, 1e4), engine.cache)
     assert engine.generate(reqs)[0].tokens == want
+
+
+def test_unscanned_layers_serve_the_same_tokens_as_scanned(tmp_path):
+    """ModelOptions.scan_layers=False (how serve.py loads) on a config whose last segment stacks 2 IndexShare
+    groups: the same checkpoint loads group by group and gives the scanned model's logits and tokens."""
+    from tests.conftest import three_layer_indexshare_config
+
+    cfg = three_layer_indexshare_config().replace(num_hidden_layers=6)
+    scanned = glmjax.GlmMoeDsa(cfg, glmjax.ModelOptions(q_block=16), rngs=nnx.Rngs(0))
+    assert [s.num_groups for s in scanned.segments] == [1, 2]
+    glmjax.save_pretrained(scanned, tmp_path)
+    flat = glmjax.load_pretrained(tmp_path, options=glmjax.ModelOptions(q_block=16, scan_layers=False))
+    assert [s.num_groups for s in flat.segments] == [1, 1, 1]
+    ids = jnp.asarray(np.random.default_rng(1).integers(2, cfg.vocab_size, (2, 24)), jnp.int32)
+    np.testing.assert_allclose(flat(ids).logits, scanned(ids).logits, rtol=1e-5, atol=1e-5)
+    prompts = [[int(t) for t in ids[0, :n]] for n in (7, 20)]
+    reqs = [Request(str(i), tuple(p), SamplingParams(max_tokens=8, temperature=0.0), "completion")
+            for i, p in enumerate(prompts)]
+    engine = EngineConfig(slots=2, max_len=32, prefill_chunk=16, num_speculative_tokens=2)
+    out = [[c.tokens for c in Engine(m, engine).generate(reqs)] for m in (scanned, flat)]
+    assert out[0] == out[1]

@@ -51,8 +51,9 @@ class Segment:
         return self.first_layer + group * self.group_size + position
 
 
-def plan_segments(cfg: GlmMoeDsaConfig) -> tuple[Segment, ...]:
-    """Splits the layer schedule into IndexShare groups, then runs of identical groups."""
+def plan_segments(cfg: GlmMoeDsaConfig, scan_layers: bool = True) -> tuple[Segment, ...]:
+    """Splits the layer schedule into IndexShare groups, then runs of identical groups (scan_layers=False:
+    every group a segment of its own; ModelOptions.scan_layers)."""
     kinds = [LayerKind(m, t == "full") for m, t in zip(cfg.mlp_schedule, cfg.indexer_schedule, strict=True)]
     groups: list[tuple[int, tuple[LayerKind, ...]]] = []
     for i, kind in enumerate(kinds):
@@ -64,7 +65,7 @@ def plan_segments(cfg: GlmMoeDsaConfig) -> tuple[Segment, ...]:
     segments: list[Segment] = []
     for start, ks in groups:
         last = segments[-1] if segments else None
-        if last is not None and last.kinds == ks:
+        if scan_layers and last is not None and last.kinds == ks:
             segments[-1] = dataclasses.replace(last, num_groups=last.num_groups + 1)
         else:
             segments.append(Segment(start, 1, ks))
@@ -187,6 +188,11 @@ LAYER_REMAT_POLICY = {
 GROUP_REMAT_POLICY = {"nothing": jax.checkpoint_policies.nothing_saveable}
 
 
+def unstack(state):
+    """The state of a one-group stack without its leading axis of 1 (a reshape: no copy)."""
+    return jax.tree.map(lambda a: a[0], state)
+
+
 class LayerStack(nnx.Module):
     """A segment: `num_groups` LayerGroups with stacked parameters, run by lax.scan."""
 
@@ -203,6 +209,9 @@ class LayerStack(nnx.Module):
     def __call__(self, x: jax.Array, info: SequenceInfo) -> tuple[jax.Array, GroupAux]:
         """x [B,T,D] -> (x, GroupAux with a leading [num_groups] axis on every field)."""
         graphdef, state = nnx.split(self.groups)
+        if self.segment.num_groups == 1:  # unscanned (ModelOptions.scan_layers=False): no loop, no slicing
+            x, aux = nnx.merge(graphdef, unstack(state))(x, info)
+            return x, jax.tree.map(lambda a: a[None], aux)
 
         def body(h, group_state):
             return nnx.merge(graphdef, group_state)(h, info)

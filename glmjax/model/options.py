@@ -34,7 +34,12 @@ class ModelOptions:
     O(q_block * (index_heads * S + topk * 576)) instead of O(T * S). remat: see REMAT_POLICIES.
     indexer_loss: collect the DSA indexer's KL terms (sparse stage) in the auxiliary outputs.
     moe_gmm_impl, moe_capacity_factor: the MoE's grouped matmul and expert-parallel exchange slots (see
-    glmjax.model.moe.MoE); interpret also runs megablox in interpret mode."""
+    glmjax.model.moe.MoE); interpret also runs megablox in interpret mode.
+    scan_layers: stack identical IndexShare groups and run them with lax.scan (training: compile time does
+    not grow with depth). False gives every group its own parameters and runs them one after the other
+    (serving, as MaxText decodes from unscanned checkpoints): a scan slices each layer's weights out of the
+    stacked arrays on every step, and XLA copies those slices (the expert weights of every MoE layer, every
+    decode step) before the grouped matmul reads them."""
 
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -45,6 +50,7 @@ class ModelOptions:
     indexer_loss: bool = False
     moe_gmm_impl: MoEGroupedMatmul | None = None
     moe_capacity_factor: float | None = 2.0
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:

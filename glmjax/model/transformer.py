@@ -97,7 +97,7 @@ class GlmMoeDsa(nnx.Module):
         cfg, opts = config, options or ModelOptions()
         D, std = cfg.hidden_size, cfg.initializer_range
         self.config, self.options = cfg, opts
-        self.segments = plan_segments(cfg)
+        self.segments = plan_segments(cfg, opts.scan_layers)
         self.embed_tokens = Embed(cfg.vocab_size, D, std=std, dtype=opts.dtype, param_dtype=opts.param_dtype,
                                   rngs=rngs)
         self.stacks = nnx.List([LayerStack(cfg, opts, seg, rngs=rngs) for seg in self.segments])

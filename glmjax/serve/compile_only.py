@@ -115,17 +115,18 @@ class ServeCompileReport:
         return "\n".join(lines)
 
 
-def serve_options(dtype=jnp.bfloat16) -> ModelOptions:
+def serve_options(dtype=jnp.bfloat16, scan_layers: bool = False) -> ModelOptions:
     """The model options of TPU serving: bf16 weights and activations, Pallas Mosaic DSA kernels (so the
-    cache is stored lane-padded, 640 wide), megablox experts, no remat (no backward)."""
+    cache is stored lane-padded, 640 wide), megablox experts, no remat (no backward), unscanned layers
+    (ModelOptions.scan_layers)."""
     return ModelOptions(dtype=dtype, param_dtype=dtype, attention_impl="pallas_tpu", interpret=False,
-                        moe_gmm_impl="megablox", remat="none")
+                        moe_gmm_impl="megablox", remat="none", scan_layers=scan_layers)
 
 
 def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mapping[str, int], *, slots: int,
                        max_len: int, k: int, dtype=jnp.bfloat16, program: Program = "speculative",
-                       prefill_chunk: int = 4096, rules: Mapping[str, tuple[str, ...]] = SERVE_RULES
-                       ) -> ServeCompileReport:
+                       prefill_chunk: int = 4096, rules: Mapping[str, tuple[str, ...]] = SERVE_RULES,
+                       scan_layers: bool = False) -> ServeCompileReport:
     """Compiles one serving step of `config` for every chip of `topology` (e.g. "v5p:4x4x4") under a mesh of
     `mesh_shape` (e.g. {"tensor": 4, "expert": 16}; its sizes must multiply to the topology's chips).
 
@@ -134,7 +135,8 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
     request (steps.prefill, with the MTP rows and k drafts when k >= 1). The cache is [.., slots, max_len, 640]
     bf16 (the TPU kernels' lane-padded width) plus the MTP layer's when k >= 1. rules: the logical-axis rules
     the weights are placed and the program traced by (the engine's SERVE_RULES by default; DEFAULT_RULES
-    would FSDP-split the non-expert weights over expert and all-gather them every step). -> ServeCompileReport."""
+    would FSDP-split the non-expert weights over expert and all-gather them every step). scan_layers: see
+    ModelOptions (the engine serves unscanned layers). -> ServeCompileReport."""
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
@@ -152,11 +154,12 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
                           f"({split} devices); use a multiple of {split}")
 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        model = nnx.eval_shape(lambda: GlmMoeDsa(config, serve_options(dtype), rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: GlmMoeDsa(config, serve_options(dtype, scan_layers), rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model)
     params_sd = with_shardings(params, param_shardings(model, mesh, rules))
 
-    cache = cache_shapes(config, slots, max_len, mtp=bool(k), dtype=dtype, lane_padded=True)
+    cache = cache_shapes(config, slots, max_len, mtp=bool(k), dtype=dtype, lane_padded=True,
+                         scan_layers=scan_layers)
     state = jax.eval_shape(lambda: steps.init_state(slots, k, config.vocab_size, False))
     with logical_rules(rules):
         cache_sh, state_sh = slot_shardings(cache, state, mesh)
@@ -183,7 +186,8 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
         raise ConfigError(f"program: {program!r} is not 'speculative' or 'prefill'")
 
     with logical_rules(trace_rules):
-        compiled, seconds, ma, flops = compile_and_measure(jit_program(graphdef, name, static), mesh, params_sd,
+        leaves, tree = jax.tree.flatten(params_sd)
+        compiled, seconds, ma, flops = compile_and_measure(jit_program(graphdef, tree, name, static), mesh, leaves,
                                                            cache_sd, state_sd, *args)
     kind = devices[0].device_kind
     hbm = HBM_GIB.get(kind)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glmjax.model.attention import Keys, SequenceInfo
+from glmjax.model.decoder import unstack
 from glmjax.model.mtp import MTPStep
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.serve.kv_cache import KVCache, LayerWriter, Rows
@@ -59,8 +60,11 @@ def target_forward(model: GlmMoeDsa, cache: KVCache, tokens: jax.Array, rows: Ro
                 ik = writer.index_keys if full else ik
             return (h, lat, ik), None
 
-        (x, lat_buf, ik_buf), _ = jax.lax.scan(body, (x, lat_buf, ik_buf),
-                                               (state, jnp.arange(G, dtype=jnp.int32)))
+        if G == 1:  # unscanned layers (ModelOptions.scan_layers=False)
+            (x, lat_buf, ik_buf), _ = body((x, lat_buf, ik_buf), (unstack(state), jnp.int32(0)))
+        else:
+            (x, lat_buf, ik_buf), _ = jax.lax.scan(body, (x, lat_buf, ik_buf),
+                                                   (state, jnp.arange(G, dtype=jnp.int32)))
         latents.append(lat_buf)
         index_keys.append(ik_buf)
     cache = cache._replace(latent=tuple(latents), index_keys=tuple(index_keys))

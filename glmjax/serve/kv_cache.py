@@ -1,7 +1,8 @@
 """The serving KV cache: per layer the MLA latent rows, and indexer keys on the layers that run the indexer.
 
 Layout (one slot per sequence, a fixed maximum length S per slot; paging comes with 1M-context serving):
-- `latent[i]` [G, L, B, S, W] for the model's i-th scanned segment of G IndexShare groups of L layers: the
+- `latent[i]` [G, L, B, S, W] for the model's i-th segment of G IndexShare groups of L layers (G = 1 for
+  every segment when the layers are not scanned, ModelOptions.scan_layers): the
   normed kv latent then the roped shared key (r + p values) per token, zero-padded to W. W = r + p, or on TPU
   r + p rounded up to 128 lanes (640 for GLM-5.2): a 576-wide bf16 cache gets a column-major layout there,
   and every decode step would relayout the whole cache (docs/kernels.md).
@@ -55,11 +56,12 @@ def latent_width(cfg: GlmMoeDsaConfig, lane_padded: bool) -> int:
 
 
 def cache_shapes(cfg: GlmMoeDsaConfig, slots: int, max_len: int, *, mtp: bool, dtype=jnp.bfloat16,
-                 lane_padded: bool = False) -> KVCache:
-    """The cache as jax.ShapeDtypeStructs (for sizing and ahead-of-time compiles)."""
+                 lane_padded: bool = False, scan_layers: bool = True) -> KVCache:
+    """The cache as jax.ShapeDtypeStructs (for sizing and ahead-of-time compiles); one buffer per segment of
+    the model's layers (scan_layers: ModelOptions.scan_layers)."""
     W, DI = latent_width(cfg, lane_padded), cfg.index_head_dim
     sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))  # noqa: E731
-    segments = plan_segments(cfg)
+    segments = plan_segments(cfg, scan_layers)
     has_mtp = mtp and cfg.num_nextn_predict_layers > 0
     return KVCache(
         latent=tuple(sds(s.num_groups, s.group_size, slots, max_len, W) for s in segments),
@@ -69,10 +71,11 @@ def cache_shapes(cfg: GlmMoeDsaConfig, slots: int, max_len: int, *, mtp: bool, d
 
 
 def init_cache(cfg: GlmMoeDsaConfig, slots: int, max_len: int, *, mtp: bool, dtype=jnp.bfloat16,
-               lane_padded: bool = False, sharding=None) -> KVCache:
+               lane_padded: bool = False, scan_layers: bool = True, sharding=None) -> KVCache:
     """A zeroed cache for `slots` sequences of up to `max_len` tokens (see cache_shapes); `sharding`: a
     jax.sharding.Sharding for every array (e.g. replicated on a mesh)."""
-    shapes = cache_shapes(cfg, slots, max_len, mtp=mtp, dtype=dtype, lane_padded=lane_padded)
+    shapes = cache_shapes(cfg, slots, max_len, mtp=mtp, dtype=dtype, lane_padded=lane_padded,
+                          scan_layers=scan_layers)
     make = lambda s: jnp.zeros(s.shape, s.dtype, device=sharding)  # noqa: E731
     return jax.tree.map(make, shapes)
 

@@ -54,6 +54,15 @@ def sampling_arrays(temperature: Sequence[float] | np.ndarray, top_k: Sequence[i
                           key=_seed_key_data(jnp.asarray(seeds32)))
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """int32 index of the maximum over the last axis, the lowest on ties (as jnp.argmax). Two plain reductions:
+    XLA:CPU runs jnp.argmax's (value, index) reduce about 5x slower at a vocabulary of 2K-8K."""
+    V = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(first, V - 1)  # NaN rows (no element equals the max) get the last id, not V
+
+
 def _row_keys(key_data: jax.Array, positions: jax.Array, stream: int | jax.Array) -> jax.Array:
     """key_data [B, 2] uint32, positions [B, T] int32 -> typed keys [B, T] for (row seed, position, stream)."""
     base = jax.random.wrap_key_data(key_data)  # [B] typed keys
@@ -94,14 +103,24 @@ def target_probs(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     (ties: lowest id, as jnp.argmax). Ties at the top-k / top-p threshold keep every tied token.
     """
     logits = logits.astype(jnp.float32)
-    greedy = (s.temperature <= 0)[:, None, None]
-    z = logits / jnp.where(greedy, 1.0, s.temperature[:, None, None])  # avoid dividing greedy rows by 0
-    # The sort is the expensive part at a real vocabulary size: skip it when no row filters.
-    filtering = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
-    z = jax.lax.cond(filtering, _filter_logits, lambda z, *_: z, z, s.top_k, s.top_p)
-    probs = jax.nn.softmax(z, axis=-1)
-    one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    return jnp.where(greedy, one_hot, probs)
+    one_hot = jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
+
+    def mixed(logits):
+        greedy = (s.temperature <= 0)[:, None, None]
+        z = logits / jnp.where(greedy, 1.0, s.temperature[:, None, None])  # avoid dividing greedy rows by 0
+        # The sort is the expensive part at a real vocabulary size: skip it when no row filters.
+        filtering = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
+        z = jax.lax.cond(filtering, _filter_logits, lambda z, *_: z, z, s.top_k, s.top_p)
+        return jnp.where(greedy, one_hot, jax.nn.softmax(z, axis=-1))
+
+    # All rows greedy (the common serving batch): no softmax over the vocabulary.
+    return jax.lax.cond(any_sampled(s), mixed, lambda _: one_hot, logits)
+
+
+def any_sampled(s: SamplingArrays) -> jax.Array:
+    """[] bool: some row samples (temperature > 0). The all-greedy case skips random draws and vocabulary-wide
+    work behind lax.cond."""
+    return jnp.any(s.temperature > 0)
 
 
 def sample(probs: jax.Array, s: SamplingArrays, positions: jax.Array, stream: int) -> jax.Array:
@@ -112,11 +131,15 @@ def sample(probs: jax.Array, s: SamplingArrays, positions: jax.Array, stream: in
     or a traced int32 scalar. Greedy rows take the argmax. Sampling uses the Gumbel-max trick
     (jax.random.categorical): exact, at the cost of V random numbers per token.
     """
-    keys = _row_keys(s.key, positions, stream)
-    logp = jnp.log(probs.astype(jnp.float32))  # log 0 = -inf: never drawn
-    drawn = jax.vmap(jax.vmap(jax.random.categorical))(keys, logp)
-    greedy = (s.temperature <= 0)[:, None]
-    return jnp.where(greedy, jnp.argmax(probs, axis=-1), drawn).astype(jnp.int32)
+    best = argmax(probs)
+
+    def draw(probs):
+        keys = _row_keys(s.key, positions, stream)
+        logp = jnp.log(probs.astype(jnp.float32))  # log 0 = -inf: never drawn
+        drawn = jax.vmap(jax.vmap(jax.random.categorical))(keys, logp)
+        return jnp.where((s.temperature <= 0)[:, None], best, drawn).astype(jnp.int32)
+
+    return jax.lax.cond(any_sampled(s), draw, lambda _: best, probs)
 
 
 def _leading_true(mask: jax.Array) -> jax.Array:
@@ -155,6 +178,18 @@ def rejection_accept(drafts: jax.Array, draft_probs: jax.Array | None, target_pr
     `accepted` repeat the emitted token at `accepted` for sampled rows). Greedy rows (temperature 0) return
     exactly greedy_accept(drafts, argmax(p)).
     """
+    greedy = greedy_accept(drafts, argmax(target_probs))
+
+    def mixed(p):
+        sampled = _rejection_sample(drafts, draft_probs, p, s, positions)
+        is_greedy = s.temperature <= 0
+        return (jnp.where(is_greedy, greedy[0], sampled[0]), jnp.where(is_greedy[:, None], greedy[1], sampled[1]))
+
+    return jax.lax.cond(any_sampled(s), mixed, lambda _: greedy, target_probs)
+
+
+def _rejection_sample(drafts, draft_probs, target_probs, s, positions):
+    """rejection_accept for rows that sample (same arguments and results)."""
     B, k = drafts.shape
     V = target_probs.shape[-1]
     p = target_probs.astype(jnp.float32)
@@ -181,8 +216,4 @@ def rejection_accept(drafts: jax.Array, draft_probs: jax.Array | None, target_pr
     pos_a = jnp.take_along_axis(positions, accepted[:, None], axis=1)  # [B, 1]
     final = sample(residual[:, None], s, pos_a, RESIDUAL_STREAM)[:, 0]  # [B]
 
-    sampled = (accepted, _emit(drafts, accepted, jnp.broadcast_to(final[:, None], (B, k + 1))))
-    greedy = greedy_accept(drafts, jnp.argmax(p, axis=-1).astype(jnp.int32))
-    is_greedy = s.temperature <= 0
-    return (jnp.where(is_greedy, greedy[0], sampled[0]),
-            jnp.where(is_greedy[:, None], greedy[1], sampled[1]))
+    return accepted, _emit(drafts, accepted, jnp.broadcast_to(final[:, None], (B, k + 1)))

@@ -26,7 +26,15 @@ import jax.numpy as jnp
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.serve.forward import mtp_draft_step, mtp_forward, target_forward
 from glmjax.serve.kv_cache import KVCache, Rows
-from glmjax.serve.sampling import DRAFT_STREAM, TARGET_STREAM, SamplingArrays, rejection_accept, sample, target_probs
+from glmjax.serve.sampling import (
+    DRAFT_STREAM,
+    TARGET_STREAM,
+    SamplingArrays,
+    argmax,
+    rejection_accept,
+    sample,
+    target_probs,
+)
 
 
 class SlotState(NamedTuple):
@@ -60,7 +68,7 @@ def _choose(model: GlmMoeDsa, normed: jax.Array, s: SamplingArrays, position: ja
     """A draft from MTP hidden states normed [B,1,D] at output position [B] -> (token [B], q [B,V] or None)."""
     logits = model.head(normed)
     if not sampled:
-        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), None
+        return argmax(logits[:, 0]), None
     q = target_probs(logits, s)
     return sample(q, s, position[:, None], DRAFT_STREAM)[:, 0], q[:, 0]
 
