@@ -70,6 +70,8 @@ def test_bad_fields_are_named(tmp_path):
         tiny_config(tmp_path, **{"mesh.experts": 2})
     with pytest.raises(ConfigError, match=r"data\.seq_len"):
         tiny_config(tmp_path, **{"data.seq_len": 1})
+    with pytest.raises(ConfigError, match=r"data\.seq_len: 16384 is too long for run.stage dense_warmup"):
+        tiny_config(tmp_path, **{"run.stage": "dense_warmup", "data.seq_len": 16384})
     with pytest.raises(ConfigError, match="no preset"):
         load_train_config("no-such-preset")
 
@@ -160,3 +162,45 @@ def test_the_committed_demo_model_loads_and_knows_python():
     logp = jax.nn.log_softmax(out.logits[0, :-1], axis=-1)
     nll = -float(jnp.mean(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)))
     assert nll < 5.0, nll  # untrained: ln(2048) = 7.6; unigram entropy of stdlib tokens: about 5.6
+
+
+def test_dense_attention_selects_every_key():
+    """ModelOptions.dense_attention (the warm-up's forward) is the model with index_topk >= T."""
+    from tests.conftest import three_layer_indexshare_config
+
+    cfg = three_layer_indexshare_config()
+    T = 2 * cfg.index_topk
+    dense = glmjax.GlmMoeDsa(cfg, glmjax.ModelOptions(q_block=16, dense_attention=True), rngs=nnx.Rngs(0))
+    wide = glmjax.GlmMoeDsa(cfg.replace(index_topk=T), glmjax.ModelOptions(q_block=16), rngs=nnx.Rngs(0))
+    sparse = glmjax.GlmMoeDsa(cfg, glmjax.ModelOptions(q_block=16), rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(0), (2, T), 2, cfg.vocab_size)
+    np.testing.assert_allclose(dense(ids).logits, wide(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(dense(ids).logits, sparse(ids).logits, atol=1e-3)  # T > index_topk: it matters
+
+
+def test_dense_warmup_trains_the_indexers_and_nothing_else(tmp_path):
+    from glmjax.train.trainer import Trainer
+
+    # Larger initial weights than tiny-demo's 0.02: peaked attention, so the indexer has a distribution to learn.
+    model_json = json.loads((REPO / "configs" / "tiny-demo.json").read_text()) | {"initializer_range": 0.3}
+    (tmp_path / "model.json").write_text(json.dumps(model_json))
+    cfg = tiny_config(tmp_path, **{"run.stage": "dense_warmup", "run.steps": 8, "optimizer.peak_lr": 1e-2,
+                                   "checkpoint.save_every": 100, "model.config": str(tmp_path / "model.json")})
+
+    def values(model):
+        leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param, nnx.Variable))[0]
+        return {jax.tree_util.keystr(k): np.array(v) for k, v in leaves}
+
+    trainer = Trainer(cfg, log=lambda *a: None)
+    try:
+        before = values(trainer.model)
+        trainer.fit()
+        after = values(trainer.model)
+    finally:
+        trainer.close()
+    records = [json.loads(line) for line in open(f"{cfg.run.output_dir}/metrics.jsonl")]
+    kl = [r["train/indexer_kl"] for r in records]
+    assert kl[-1] < 0.8 * kl[0], kl
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    indexer = {k for k in before if "'indexer'" in k and "rngs" not in k}
+    assert changed == indexer, sorted(changed ^ indexer)  # the router biases included: no bias update

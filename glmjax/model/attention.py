@@ -269,7 +269,8 @@ class MLAttention(nnx.Module):
             psum_scores = (lambda s: jax.lax.psum(s, index_head_axes)) if index_head_axes else None
             topk = indexer_topk(
                 jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik), jax.lax.stop_gradient(iw),
-                key_valid=kvalid, query_index=tok, query_start=start, topk=cfg.index_topk,
+                key_valid=kvalid, query_index=tok, query_start=start,
+                topk=kv.shape[1] if opts.dense_attention else cfg.index_topk,
                 scale=cfg.index_head_dim**-0.5, reduce_scores=psum_scores, **common)
         o_lat, lse = sparse_mla(q, kv, topk, scale=self.scale, v_dim=cfg.kv_lora_rank, **common)
         probs = logits = None

@@ -35,6 +35,10 @@ class ModelOptions:
     indexer_loss: collect the DSA indexer's KL terms (sparse stage) in the auxiliary outputs.
     moe_gmm_impl, moe_capacity_factor: the MoE's grouped matmul and expert-parallel exchange slots (see
     glmjax.model.moe.MoE); interpret also runs megablox in interpret mode.
+    dense_attention: every query attends to all its valid keys (the full layers' selection takes every key,
+    K = S, sorted by indexer score): the DSA dense warm-up, where the indexer learns the dense attention's
+    distribution (with indexer_loss, its KL is then over every key). O(T x S) selection and probabilities
+    per sequence, so for warm-up lengths, not 128K.
     scan_layers: stack identical IndexShare groups and run them with lax.scan (training: compile time does
     not grow with depth). False gives every group its own parameters and runs them one after the other
     (serving, as MaxText decodes from unscanned checkpoints): a scan slices each layer's weights out of the
@@ -50,6 +54,7 @@ class ModelOptions:
     indexer_loss: bool = False
     moe_gmm_impl: MoEGroupedMatmul | None = None
     moe_capacity_factor: float | None = 2.0
+    dense_attention: bool = False
     scan_layers: bool = True
 
     def __post_init__(self):

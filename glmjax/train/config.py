@@ -111,10 +111,6 @@ class RunConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ConfigError(f"run.stage: must be one of {STAGES}, got {self.stage!r}")
-        if self.stage == "dense_warmup":
-            # Its target is the dense attention over every key, which needs a chunked dense path (never
-            # [T, S] scores at 128K) that does not exist yet.
-            raise ConfigError("run.stage: dense_warmup is not available yet; use sparse or full")
         for name, lo in (("steps", 1), ("log_every", 1), ("eval_every", 0), ("eval_batches", 0), ("seed", 0)):
             if getattr(self, name) < lo:
                 raise ConfigError(f"run.{name}: must be >= {lo}, got {getattr(self, name)}")
@@ -140,6 +136,10 @@ class DemoConfig:
 DEMO_FILES = ("python-stdlib",)  # data.train_files of a demo preset until the trainer fills them in
 
 
+# The dense warm-up selects every key (K = S): its selection, probabilities and gathered rows grow with T x T.
+DENSE_WARMUP_MAX_SEQ_LEN = 8192
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection
@@ -150,6 +150,13 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     run: RunConfig
     demo: DemoConfig | None = None
+
+    def __post_init__(self):
+        if self.run.stage == "dense_warmup" and self.data.seq_len > DENSE_WARMUP_MAX_SEQ_LEN:
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} is too long for run.stage dense_warmup (at most "
+                f"{DENSE_WARMUP_MAX_SEQ_LEN}): the warm-up attends to every key (ModelOptions.dense_attention), "
+                "holding [T, T] selections and probabilities per sequence; warm up at a shorter length")
 
     def to_dict(self) -> dict[str, Any]:
         out = {}

@@ -45,6 +45,7 @@ def model_options(cfg: TrainConfig) -> ModelOptions:
     return ModelOptions(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
                         attention_impl=m.attention_impl, q_block=m.q_block, remat=m.remat,
                         indexer_loss=cfg.run.stage in ("sparse", "dense_warmup"),
+                        dense_attention=cfg.run.stage == "dense_warmup",
                         moe_gmm_impl=m.moe_gmm_impl or None, moe_capacity_factor=m.moe_capacity_factor)
 
 
@@ -143,7 +144,8 @@ def train_step_fn(loss_cfg, stage: str, opt_cfg):
         terms: Terms = acc.aux
         moe_load = None if terms.moe_load is None else jnp.sum(terms.moe_load, axis=0)
         mtp_load = None if terms.mtp_moe_load is None else jnp.sum(terms.mtp_moe_load, axis=0)
-        balance.update_router_bias(model, moe_load, mtp_load, loss_cfg.bias_update_rate)
+        if stage != "dense_warmup":  # the warm-up changes the indexers and nothing else
+            balance.update_router_bias(model, moe_load, mtp_load, loss_cfg.bias_update_rate)
         weights = terms.lm_tokens / jnp.maximum(jnp.sum(terms.lm_tokens), 1.0)
         mean = jax.tree.map(lambda a: jnp.tensordot(weights, a.astype(jnp.float32), axes=1), terms._replace(
             moe_load=None, mtp_moe_load=None, lm_tokens=terms.lm_tokens))
