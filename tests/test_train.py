@@ -91,18 +91,21 @@ def test_shifted_labels_stay_inside_documents():
 
 
 def test_training_learns_and_resumes_bit_for_bit(tmp_path):
-    straight = train(tiny_config(tmp_path / "a"))
+    # With the MTP acceptance (TV) loss on: it trains and resumes like every other term.
+    tv = {"loss.mtp_tv_weight": 0.5}
+    straight = train(tiny_config(tmp_path / "a", **tv))
     losses = [r["train/loss"] for r in straight]
     lm = [r["train/lm_loss"] for r in straight]
     assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
     assert lm[-1] < lm[0] - 1.0, lm
     assert all(np.isfinite(r["train/mtp_loss/2"]) for r in straight)
+    assert all(0.0 <= r["train/mtp_expected_accepted"] <= 2.0 for r in straight)
 
     # An interruption after step 3: a run directory holding only the step-3 checkpoint (model, optimizer,
     # data iterator), resumed to step 6.
     (tmp_path / "b" / "run" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "run" / "checkpoints" / "3", tmp_path / "b" / "run" / "checkpoints" / "3")
-    resumed = train(tiny_config(tmp_path / "b"))
+    resumed = train(tiny_config(tmp_path / "b", **tv))
     assert [r["step"] for r in resumed] == [4, 5, 6]
     assert [r["train/loss"] for r in resumed] == losses[3:]  # bit for bit
 
@@ -174,17 +177,19 @@ def test_dense_attention_selects_every_key():
     wide = glmjax.GlmMoeDsa(cfg.replace(index_topk=T), glmjax.ModelOptions(q_block=16), rngs=nnx.Rngs(0))
     sparse = glmjax.GlmMoeDsa(cfg, glmjax.ModelOptions(q_block=16), rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(0), (2, T), 2, cfg.vocab_size)
-    np.testing.assert_allclose(dense(ids).logits, wide(ids).logits, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(dense(ids).logits, sparse(ids).logits, atol=1e-3)  # T > index_topk: it matters
+    got = dense(ids).logits
+    np.testing.assert_allclose(got, wide(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, sparse(ids).logits, atol=1e-3)  # T > index_topk: it matters
 
 
 def test_dense_warmup_trains_the_indexers_and_nothing_else(tmp_path):
     from glmjax.train.trainer import Trainer
+    from tests.conftest import three_layer_indexshare_config
 
-    # Larger initial weights than tiny-demo's 0.02: peaked attention, so the indexer has a distribution to learn.
-    model_json = json.loads((REPO / "configs" / "tiny-demo.json").read_text()) | {"initializer_range": 0.3}
-    (tmp_path / "model.json").write_text(json.dumps(model_json))
-    cfg = tiny_config(tmp_path, **{"run.stage": "dense_warmup", "run.steps": 8, "optimizer.peak_lr": 1e-2,
+    # Larger initial weights than the usual 0.02: peaked attention, so the indexer has a distribution to learn.
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    three_layer_indexshare_config().replace(initializer_range=0.3).to_json(tmp_path / "model.json")
+    cfg = tiny_config(tmp_path, **{"run.stage": "dense_warmup", "run.steps": 6, "optimizer.peak_lr": 1e-2,
                                    "checkpoint.save_every": 100, "model.config": str(tmp_path / "model.json")})
 
     def values(model):
@@ -204,3 +209,38 @@ def test_dense_warmup_trains_the_indexers_and_nothing_else(tmp_path):
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     indexer = {k for k in before if "'indexer'" in k and "rngs" not in k}
     assert changed == indexer, sorted(changed ^ indexer)  # the router biases included: no bias update
+
+
+def test_chunked_acceptance_is_sum_of_min_with_a_detached_target():
+    from glmjax.train.losses import chunked_acceptance
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(k1, (8, 11))
+    head = lambda h: h @ w  # noqa: E731
+    hq, hp = jax.random.normal(k2, (2, 12, 8)), jax.random.normal(k3, (2, 12, 8))
+    want = jnp.sum(jnp.minimum(jax.nn.softmax(head(hq)), jax.nn.softmax(head(hp))), axis=-1)
+    np.testing.assert_allclose(chunked_acceptance(head, hq, hp, chunk=4), want, rtol=1e-6)
+    dq, dp = jax.grad(lambda a, b: jnp.sum(chunked_acceptance(head, a, b, chunk=4)), argnums=(0, 1))(hq, hp)
+    assert np.abs(np.asarray(dq)).max() > 0 and not np.asarray(dp).any()
+
+
+def test_expected_accepted_equals_multi_step_rejection_sampling():
+    """The TV loss's E[accepted] = sum_s prod_{i<=s} sum_x min(p_i, q_i) against the serving engine's own
+    rejection sampler: drafts drawn from q_s, accepted per row; 40K vmapped trials."""
+    from glmjax.serve.sampling import rejection_accept, sampling_arrays
+    from glmjax.train.losses import expected_accepted
+
+    S, V, N = 3, 6, 40_000
+    kp, kq, kd = jax.random.split(jax.random.key(1), 3)
+    p = jax.nn.softmax(2.0 * jax.random.normal(kp, (S + 1, V)))  # the last row: the bonus token's target
+    q = jax.nn.softmax(2.0 * jax.random.normal(kq, (S, V)))
+    drafts = jax.random.categorical(kd, jnp.log(q), shape=(N, S)).astype(jnp.int32)
+    s = sampling_arrays([1.0] * N, [0] * N, [1.0] * N, range(N))
+    positions = jnp.broadcast_to(jnp.arange(S + 1, dtype=jnp.int32), (N, S + 1))
+    accepted, _ = rejection_accept(drafts, jnp.broadcast_to(q, (N, S, V)), jnp.broadcast_to(p, (N, S + 1, V)), s,
+                                   positions)
+    alphas = [jnp.sum(jnp.minimum(p[i], q[i]))[None, None] for i in range(S)]
+    total, rows = expected_accepted(alphas, [jnp.ones((1, 1))] * S)
+    want = float(total / rows)
+    got, sigma = float(jnp.mean(accepted)), float(jnp.std(accepted)) / N**0.5
+    assert abs(got - want) < 4 * sigma, (got, want, sigma)

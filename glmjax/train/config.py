@@ -68,7 +68,8 @@ class LossConfig:
     steps' cross-entropies weigh lambda / mtp_steps each. indexer_weight: weight of the DSA indexer's KL
     (stage sparse; ignored in "full"). balance_weight: DeepSeek-V3's sequence-wise balance loss.
     bias_update_rate: gamma of the aux-loss-free router bias update after each step (0: off). loss_chunk:
-    tokens per cross-entropy chunk."""
+    tokens per cross-entropy chunk. mtp_tv_weight: weight of the end-to-end acceptance loss of the MTP drafts,
+    1 - E[accepted drafts] / mtp_steps under multi-step rejection sampling (0: off; docs/training.md)."""
 
     z_loss: float = 0.0
     mtp_steps: int = 1
@@ -77,9 +78,11 @@ class LossConfig:
     balance_weight: float = 1e-4
     bias_update_rate: float = 1e-3
     loss_chunk: int = 2048
+    mtp_tv_weight: float = 0.0
 
     def __post_init__(self):
-        for name in ("z_loss", "mtp_weight", "indexer_weight", "balance_weight", "bias_update_rate"):
+        for name in ("z_loss", "mtp_weight", "indexer_weight", "balance_weight", "bias_update_rate",
+                     "mtp_tv_weight"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ConfigError(f"loss.{name}: must be a finite number >= 0, got {v!r}")

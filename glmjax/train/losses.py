@@ -17,7 +17,27 @@ import jax
 import jax.numpy as jnp
 
 from glmjax import sharding
+from glmjax.model.context import to_model_order, to_natural_order
 from glmjax.sharding import constrain
+
+
+def _chunks(B: int, T: int, chunk: int, what: str):
+    """-> (cp, c, split): the current mesh's context shards, the chunk length within a shard, and
+    split: [B, T, ...] -> [n, B, cp, c, ...] (cp still over the context axes)."""
+    mesh = sharding.current_mesh()
+    cp = sharding.mesh_size(sharding.mesh_axes("seq", mesh), mesh)
+    per_shard = T // cp
+    c = min(chunk, per_shard)
+    if per_shard % c:
+        raise ValueError(f"{what}: chunk {c} must divide the per-shard sequence length {per_shard}")
+    n = per_shard // c
+
+    def split(a):
+        a = a.reshape(B, cp, n, c, *a.shape[2:])
+        a = constrain(a, ("batch", "seq") + (None,) * (a.ndim - 2))
+        return jnp.moveaxis(a, 2, 0)
+
+    return cp, c, split
 
 
 def chunked_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array,
@@ -29,18 +49,7 @@ def chunked_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Ar
     weights [B, T] float32 (0 for tokens without a label). The sequence splits into the context shards of
     the current mesh, then into chunks of at most `chunk` tokens per shard (it must divide the shard)."""
     B, T, D = hidden.shape
-    mesh = sharding.current_mesh()
-    cp = sharding.mesh_size(sharding.mesh_axes("seq", mesh), mesh)
-    per_shard = T // cp
-    c = min(chunk, per_shard)
-    if per_shard % c:
-        raise ValueError(f"chunked_cross_entropy: chunk {c} must divide the per-shard sequence length {per_shard}")
-    n = per_shard // c
-
-    def split(a):  # [B, T, ...] -> [n, B, cp, c, ...] with cp still over the context axes
-        a = a.reshape(B, cp, n, c, *a.shape[2:])
-        a = constrain(a, ("batch", "seq") + (None,) * (a.ndim - 2))
-        return jnp.moveaxis(a, 2, 0)
+    cp, c, split = _chunks(B, T, chunk, "chunked_cross_entropy")
 
     @jax.checkpoint
     def step(carry, xs):
@@ -54,3 +63,44 @@ def chunked_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Ar
     total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32),
                             (split(hidden), split(labels), split(weights.astype(jnp.float32))))
     return total, jnp.sum(weights.astype(jnp.float32))
+
+
+def shift_rows(x: jax.Array, n: int, cp: int) -> jax.Array:
+    """x [B, T, ...] in model order -> row j holds natural row j + n (zeros past the end), in model order."""
+    nat = to_natural_order(x, cp)
+    pad = jnp.zeros((x.shape[0], min(n, x.shape[1])) + x.shape[2:], x.dtype)
+    return to_model_order(jnp.concatenate([nat[:, n:], pad], axis=1), cp)
+
+
+def chunked_acceptance(head: Callable[[jax.Array], jax.Array], draft_hidden: jax.Array, target_hidden: jax.Array,
+                       *, chunk: int = 2048) -> jax.Array:
+    """alpha [B, T] float32 = sum_x min(p(x), q(x)) per row: q = softmax(head(draft_hidden)), p =
+    softmax(head(target_hidden)) with no gradient (the target is what the drafts are judged by). alpha is the
+    probability that speculative rejection sampling accepts a draft drawn from q (1 - TV(p, q)). Chunked
+    like chunked_cross_entropy: never [T, V] probabilities."""
+    B, T, D = draft_hidden.shape
+    cp, c, split = _chunks(B, T, chunk, "chunked_acceptance")
+
+    @jax.checkpoint
+    def step(_, xs):
+        hq, hp = xs  # [B, cp, c, D] each
+        q = jax.nn.softmax(head(hq.reshape(B, cp * c, D)), axis=-1)
+        p = jax.lax.stop_gradient(jax.nn.softmax(head(hp.reshape(B, cp * c, D)), axis=-1))
+        return None, jnp.sum(jnp.minimum(p, q), axis=-1).reshape(B, cp, c)
+
+    _, alpha = jax.lax.scan(step, None, (split(draft_hidden), split(jax.lax.stop_gradient(target_hidden))))
+    return jnp.moveaxis(alpha, 0, 2).reshape(B, T)  # [n, B, cp, c] -> [B, cp, n, c] -> [B, T]
+
+
+def expected_accepted(alphas: list[jax.Array], weights: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Expected accepted drafts of multi-step rejection sampling, from the per-step acceptance probabilities.
+
+    alphas[s], weights[s] [B, T]: step s's acceptance probability at each row and whether the row has a
+    step-s draft. A row accepts draft s only after drafts 0..s-1, so E[accepted] = sum_s prod_{i<=s} alpha_i
+    (a missing step ends the product). -> (sum over rows with a step-0 draft of E[accepted], their count)."""
+    run = jnp.ones_like(alphas[0])
+    total = jnp.zeros_like(alphas[0])
+    for a, w in zip(alphas, weights, strict=True):
+        run = run * a * w
+        total = total + run
+    return jnp.sum(total * weights[0]), jnp.sum(weights[0])

@@ -1,6 +1,7 @@
 """The training objective of one batch: LM cross-entropy, MTP steps, the DSA indexer's KL, MoE balance.
 
-    loss = lm + (mtp_weight / S) * sum_s mtp_s + indexer_weight * indexer_kl + balance_weight * balance
+    loss = lm + (mtp_weight / S) * sum_s mtp_s + mtp_tv_weight * mtp_tv + indexer_weight * indexer_kl
+           + balance_weight * balance
 
 (S = mtp_steps; DeepSeek-V3's lambda / D weighting of the D steps.)
 
@@ -9,6 +10,9 @@
 - mtp_s (s = 0 .. mtp_steps-1): the MTP layer's step s predicts token j+2+s at row j (model/mtp.py: the
   first step's top-k and KV are reused by later steps); mean cross-entropy over rows whose tokens j..j+2+s
   share a document.
+- mtp_tv (loss.mtp_tv_weight > 0): 1 - E[accepted] / S, E[accepted] = sum_s prod_{i<=s} alpha_i the expected
+  drafts a verification accepts, alpha_s = sum_x min(p, q_s) at each row (p: the main model's distribution
+  for the same token, detached; losses.chunked_acceptance), averaged over rows with a first draft.
 - indexer_kl: per full layer (and the MTP layer's), sum over queries of KL(p || softmax(indexer scores)) at
   the selected keys, p the head-summed attention of every layer sharing the selection (IndexShare),
   L1-normalised; divided by the number of queries; averaged over those layers. Its gradient reaches only
@@ -32,7 +36,7 @@ from glmjax.model.context import to_model_order
 from glmjax.model.moe import MoEStats
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.train.config import LossConfig
-from glmjax.train.losses import chunked_cross_entropy
+from glmjax.train.losses import chunked_acceptance, chunked_cross_entropy, expected_accepted, shift_rows
 
 
 def shifted_labels(input_ids: jax.Array, segment_ids: jax.Array, offset: int) -> tuple[jax.Array, jax.Array]:
@@ -51,13 +55,15 @@ class Terms(NamedTuple):
     """Loss terms (float32 scalars) and what the step needs beyond them.
 
     loss: the weighted total; lm, z (the z-loss part of lm), mtp [S], indexer_kl, balance: the terms;
-    lm_tokens: tokens with an LM label; mtp_accuracy [S]: top-1 accuracy of each MTP step; moe_load
+    lm_tokens: tokens with an LM label; mtp_accuracy [S]: top-1 accuracy of each MTP step; mtp_accepted:
+    expected drafts accepted per verification (the TV loss's measure; None when it is off); moe_load
     [Lm, E] and mtp_moe_load [S, E] (or None): assignments per expert (the bias update's input)."""
 
     loss: jax.Array
     lm: jax.Array
     mtp: jax.Array
     mtp_accuracy: jax.Array
+    mtp_accepted: jax.Array | None
     indexer_kl: jax.Array
     balance: jax.Array
     lm_tokens: jax.Array
@@ -111,14 +117,24 @@ def objective(model: GlmMoeDsa, input_ids: jax.Array, segment_ids: jax.Array, cf
     lm_sum, lm_n = chunked_cross_entropy(model.head, out.hidden, labels, w, chunk=cfg.loss_chunk, z_loss=cfg.z_loss)
     lm = lm_sum / jnp.maximum(lm_n, 1.0)
 
-    mtp, acc = [], []
+    mtp, acc, alphas, step_weights = [], [], [], []
     for s, h in enumerate(out.mtp_hidden):
         y, ws = map(to_model, shifted_labels(input_ids, segment_ids, 2 + s))
         total, n = chunked_cross_entropy(model.head, h, y, ws, chunk=cfg.loss_chunk)
         mtp.append(total / jnp.maximum(n, 1.0))
         acc.append(_accuracy(model, h, y, ws, cfg.loss_chunk))
+        if cfg.mtp_tv_weight:
+            # Draft s at row j proposes token j+2+s; the target's distribution for it is at row j+1+s.
+            alphas.append(chunked_acceptance(model.head, h, shift_rows(out.hidden, 1 + s, cp), chunk=cfg.loss_chunk))
+            step_weights.append(ws)
     mtp = jnp.stack(mtp) if mtp else jnp.zeros((0,), jnp.float32)
     acc = jnp.stack(acc) if acc else jnp.zeros((0,), jnp.float32)
+
+    accepted, tv = None, jnp.zeros((), jnp.float32)
+    if alphas:
+        total, rows = expected_accepted(alphas, step_weights)
+        accepted = total / jnp.maximum(rows, 1.0)
+        tv = 1.0 - accepted / len(alphas)
 
     kl, n = out.aux.indexer_kl, out.aux.indexer_tokens
     if out.mtp_aux is not None:
@@ -137,8 +153,9 @@ def objective(model: GlmMoeDsa, input_ids: jax.Array, segment_ids: jax.Array, cf
     else:
         loss = lm + cfg.mtp_weight * jnp.mean(mtp) + cfg.balance_weight * balance if mtp.size else \
             lm + cfg.balance_weight * balance
+        loss = loss + cfg.mtp_tv_weight * tv
         if stage == "sparse":
             loss = loss + cfg.indexer_weight * indexer
-    return Terms(loss, lm, mtp, acc, indexer, balance, lm_n,
+    return Terms(loss, lm, mtp, acc, accepted, indexer, balance, lm_n,
                  None if out.aux.moe is None else out.aux.moe.load,
                  None if out.mtp_aux is None or out.mtp_aux.moe is None else out.mtp_aux.moe.load)

@@ -113,6 +113,8 @@ def put_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 def _scalars(terms: Terms, prefix: str) -> dict[str, jax.Array]:
     out = {f"{prefix}/loss": terms.loss, f"{prefix}/lm_loss": terms.lm, f"{prefix}/indexer_kl": terms.indexer_kl,
            f"{prefix}/balance_loss": terms.balance, f"{prefix}/perplexity": jnp.exp(terms.lm)}
+    if terms.mtp_accepted is not None:
+        out[f"{prefix}/mtp_expected_accepted"] = terms.mtp_accepted
     for s in range(terms.mtp.shape[-1]):
         out[f"{prefix}/mtp_loss/{s + 1}"] = terms.mtp[..., s]
         out[f"{prefix}/mtp_accuracy/{s + 1}"] = terms.mtp_accuracy[..., s]
