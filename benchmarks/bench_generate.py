@@ -24,11 +24,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.hf_side import HF_PYTHON_DEFAULT, HF_PYTHON_HELP, check_hf_python, ensure_checkpoint, run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def acceptance(out) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf-python", default=os.environ.get("GLMJAX_HF_PYTHON", "/tmp/hf/bin/python"))
+    ap.add_argument("--hf-python", default=HF_PYTHON_DEFAULT, help=HF_PYTHON_HELP)
     ap.add_argument("--checkpoint", type=Path, default=Path(tempfile.gettempdir()) / "glmjax_bench_prefill_ckpt")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -99,22 +100,12 @@ def main(argv=None) -> int:
     if args.worker == "generate":
         hf_generate(args.checkpoint, args.ids, args.new, args.repeats, args.out)
         return 0
-    if not Path(args.hf_python).exists():
-        ap.error(f"--hf-python {args.hf_python} not found; create the environment with: python3.11 -m venv "
-                 "/tmp/hf && /tmp/hf/bin/pip install -r tests/golden/requirements.txt")
+    check_hf_python(ap, args.hf_python)
 
     def worker(*extra):
-        cmd = [args.hf_python, "-m", "benchmarks.bench_generate", "--checkpoint", str(args.checkpoint), *extra]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-        if done.returncode:
-            sys.stderr.write(done.stderr)
-            raise SystemExit(f"transformers worker failed: {' '.join(cmd)}")
-        return done.stdout
+        return run_worker(args.hf_python, "benchmarks.bench_generate", args.checkpoint, *extra)
 
-    if not (args.checkpoint / "config.json").exists():
-        print(f"writing the benchmark checkpoint with transformers to {args.checkpoint}", flush=True)
-        worker("--worker", "make")
+    ensure_checkpoint(args.hf_python, "benchmarks.bench_generate", args.checkpoint)
 
     import jax
     import jax.numpy as jnp

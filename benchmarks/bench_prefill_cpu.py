@@ -1,6 +1,6 @@
 """CPU prefill throughput: glmjax against transformers 5.23 on the same checkpoint, side by side.
 
-    .venv/bin/python benchmarks/bench_prefill_cpu.py --hf-python /tmp/hf/bin/python
+    .venv/bin/python -m benchmarks.bench_prefill_cpu --hf-python /tmp/hf/bin/python
 
 The checkpoint is an 8-layer, 32-expert GLM-MoE-DSA model (BENCH_CONFIG: hidden 512, top-8 of 32 experts,
 DSA with index_topk 128 < T) with random weights, written by transformers' own `save_pretrained` (hub
@@ -23,11 +23,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.hf_side import (
+    HF_PYTHON_DEFAULT,
+    HF_PYTHON_HELP,
+    check_hf_python,
+    ensure_checkpoint,
+    make_checkpoint,
+    run_worker,
+)
 
 BENCH_CONFIG = dict(
     vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
@@ -45,15 +53,7 @@ DEFAULT_CKPT = Path(tempfile.gettempdir()) / "glmjax_bench_prefill_ckpt"
 
 
 def hf_make(ckpt: Path) -> None:
-    import torch
-    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
-
-    torch.manual_seed(0)
-    model = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**BENCH_CONFIG)).eval()
-    for m in model.modules():  # a non-zero correction bias, so routing exercises it
-        if hasattr(m, "e_score_correction_bias"):
-            m.e_score_correction_bias.data = 0.1 * torch.randn_like(m.e_score_correction_bias)
-    model.save_pretrained(ckpt)
+    make_checkpoint(ckpt, BENCH_CONFIG)
 
 
 def hf_time(ckpt: Path, ids_file: Path, repeats: int, out_file: Path) -> None:
@@ -104,8 +104,7 @@ def glmjax_time(ckpt: Path, ids, repeats: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf-python", default=os.environ.get("GLMJAX_HF_PYTHON", "/tmp/hf/bin/python"),
-                    help="python of the transformers environment (default $GLMJAX_HF_PYTHON or /tmp/hf/bin/python)")
+    ap.add_argument("--hf-python", default=HF_PYTHON_DEFAULT, help=HF_PYTHON_HELP)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CKPT, help="written by transformers if missing")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
@@ -122,23 +121,13 @@ def main(argv=None) -> int:
         hf_time(args.checkpoint, args.ids, args.repeats, args.out)
         return 0
 
-    if not Path(args.hf_python).exists():
-        ap.error(f"--hf-python {args.hf_python} not found; create the environment with: python3.11 -m venv "
-                 "/tmp/hf && /tmp/hf/bin/pip install -r tests/golden/requirements.txt")
+    check_hf_python(ap, args.hf_python)
     import numpy as np
 
     def worker(*extra):
-        cmd = [args.hf_python, __file__, "--checkpoint", str(args.checkpoint), *extra]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if done.returncode:
-            sys.stderr.write(done.stderr)
-            raise SystemExit(f"transformers worker failed: {' '.join(cmd)}")
-        return done.stdout
+        return run_worker(args.hf_python, "benchmarks.bench_prefill_cpu", args.checkpoint, *extra)
 
-    if not (args.checkpoint / "config.json").exists():
-        print(f"writing the benchmark checkpoint with transformers to {args.checkpoint}", flush=True)
-        worker("--worker", "make")
+    ensure_checkpoint(args.hf_python, "benchmarks.bench_prefill_cpu", args.checkpoint)
 
     vocab = BENCH_CONFIG["vocab_size"]
     ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq)).astype(np.int32)
