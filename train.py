@@ -3,7 +3,7 @@
     python train.py                                          # the demo (configs/train/demo.toml)
     python train.py --config configs/train/demo --set run.steps=50 --set run.output_dir=/tmp/demo
     python train.py --config configs/train/glm-5.2-midtrain-128k          # on every host of a pod
-    python train.py --config configs/train/glm-5.2-midtrain-128k --compile-only --topology v5p:8x8x4
+    python train.py --config configs/train/glm-5.2-midtrain-128k --compile-only --topology v5p:8x8x8
 
 A run resumes from the last checkpoint in its checkpoint directory. docs/training.md has the details.
 """
@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="override one field (repeatable); the value is read as TOML")
     ap.add_argument("--compile-only", action="store_true",
                     help="compile the train step ahead of time for --topology and print per-chip memory")
-    ap.add_argument("--topology", default="v5p:8x8x4", help="TPU topology for --compile-only")
+    ap.add_argument("--topology", default="v5p:8x8x8", help="TPU topology for --compile-only")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return ap.parse_args(argv)
 

@@ -304,3 +304,5 @@ def test_tokenizer_trains_and_round_trips_python(tmp_path, small_tokenizer):
     demo = tokmod.build_demo_tokenizer(tmp_path, 300, root=root / "json")  # a small sub-corpus: fast
     again = type(tok).from_file(str(demo.path))
     assert demo.path.name == "tokenizer.json" and again.get_vocab_size() == 300 and demo.eos_id == 1
+    reused = tokmod.build_demo_tokenizer(tmp_path, 300, root=root / "json")  # a resumed run keeps its ids
+    assert reused.seconds == 0.0 and reused.path.read_bytes() == demo.path.read_bytes()

@@ -99,17 +99,21 @@ class DemoTokenizer:
 def build_demo_tokenizer(out_dir: str | Path, vocab_size: int = 4096, *, validation_fraction: float = 0.05,
                          seed: int = 0, root: Path | None = None) -> DemoTokenizer:
     """Trains on the training files of the stdlib corpus (the validation files stay unseen) and saves
-    OUT_DIR/tokenizer.json."""
+    OUT_DIR/tokenizer.json; a tokenizer.json of the same vocabulary size already there is reused (seconds 0),
+    so a resumed run keeps the token ids its checkpoints were trained on."""
     root = stdlib_root() if root is None else Path(root)
     train, val = split_files(stdlib_sources(root), root, validation_fraction, seed=seed)
     if not train:
         raise ValueError(f"no Python sources under {root}")
+    out = Path(out_dir)
+    saved = out / "tokenizer.json"
+    if saved.exists() and (tok := Tokenizer.from_file(str(saved))).get_vocab_size() == vocab_size:
+        return DemoTokenizer(saved, tuple(train), tuple(val), tok.token_to_id(PAD), tok.token_to_id(EOS), 0.0)
     t0 = time.perf_counter()
     tok = train_bpe(train, vocab_size)
     seconds = time.perf_counter() - t0
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
+    tok.save(str(saved))
     return DemoTokenizer(out / "tokenizer.json", tuple(train), tuple(val), tok.token_to_id(PAD),
                          tok.token_to_id(EOS), seconds)
 

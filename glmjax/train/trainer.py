@@ -61,8 +61,9 @@ def resolve_demo(cfg: TrainConfig, log=print) -> tuple[TrainConfig, int | None]:
                           "remove [demo] to train on your own files")
     out = Path(cfg.run.output_dir)
     demo = build_demo_tokenizer(out, cfg.demo.tokenizer_vocab, validation_fraction=cfg.demo.validation_fraction)
+    made = f"trained in {demo.seconds:.1f} s" if demo.seconds else "reused"
     log(f"demo: tokenizer of {cfg.demo.tokenizer_vocab} tokens on {len(demo.train_files)} stdlib files "
-        f"({len(demo.validation_files)} held out) in {demo.seconds:.1f} s -> {demo.path}")
+        f"({len(demo.validation_files)} held out), {made} -> {demo.path}")
     data = dataclasses.replace(cfg.data, train_files=tuple(map(str, demo.train_files)),
                                validation_files=tuple(map(str, demo.validation_files)), validation_fraction=0.0,
                                tokenizer=str(demo.path), eos_id=demo.eos_id)
