@@ -12,7 +12,7 @@ from glmjax.sharding import MODEL_VARIABLES
 from tests.conftest import three_layer_indexshare_config
 from tests.test_train import tiny_config
 
-STEPS = 4
+STEPS = 3
 # On the 3-layer IndexShare config (dense layer with a full indexer, MoE sharing its top-k, MoE with its own
 # indexer, MTP; 16 experts, top-4 of 4 groups; 4 heads, 16 indexer heads, hidden 32, vocab 160), 32-token
 # sequences and a batch of 4, every axis splits real work: context 2 the sequence (4 load-balanced chunks
