@@ -146,11 +146,11 @@ def test_validation_fraction_holds_out_documents(records):
 # ------------------------------------------------------------------ resume
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 11])
-def test_resume_is_exact(records, k):
+@pytest.mark.parametrize("k,shuffle_rows", [(0, 0), (1, 0), (3, 0), (11, 0), (3, 8), (11, 8)])
+def test_resume_is_exact(records, k, shuffle_rows):
     path, _ = records
     # Prefetch and reader threads on, forever, and enough steps to cross epochs (60 documents ~ 20 batches).
-    cfg = config(path, prefetch=3, read_threads=2, seed=3)
+    cfg = config(path, prefetch=3, read_threads=2, seed=3, shuffle_rows=shuffle_rows)
     with batch_iterator(cfg, process_index=1, process_count=2) as it:
         take(it, k)
         state = json.loads(json.dumps(it.get_state()))

@@ -9,6 +9,7 @@ Per JAX process, `batch_iterator` builds
       -> tokenize in `read_threads` threads, append EOS
       -> pack: documents are concatenated and cut into rows of seq_len (grain's ConcatThenSplit), so a long
          document continues on the next row and only the stream's very last row is padded
+      -> optionally, packed rows shuffled within windows of `shuffle_rows` (a long file fills many rows)
       -> rows stacked into batches of B_local = global_batch_size / process_count, prefetched by a thread
     -> {"input_ids": int32 [B_local, T], "segment_ids": int32 [B_local, T]}
 
@@ -48,7 +49,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset, WindowShuffleIterDataset
 from tokenizers import Tokenizer
 
 from glmjax.errors import ConfigError, GlmjaxError
@@ -94,6 +95,9 @@ class DataConfig:
     eos_id: int | None = None  # appended to every document when set
     shuffle: bool = True
     seed: int = 0  # shuffle seed, 0 <= seed < 2**32 (grain's index shuffle)
+    # Packed rows shuffled within windows of this many (0: off). A text file is one document, and a long one
+    # fills many consecutive rows: without it, whole batches come from one file.
+    shuffle_rows: int = 0
     validation_files: tuple[str, ...] = ()
     validation_fraction: float = 0.0  # of the train_files documents held out (when no validation_files)
     num_epochs: int | None = None  # training passes over the data; None repeats forever
@@ -112,7 +116,7 @@ class DataConfig:
         if not self.train_files:
             raise err("train_files", "is empty")
         ints = {"seq_len": 2, "global_batch_size": 1, "prefetch": 0, "read_threads": 0, "seed": 0,
-                "eos_id": 0, "num_epochs": 1}
+                "eos_id": 0, "num_epochs": 1, "shuffle_rows": 0}
         for name, low in ints.items():
             v = getattr(self, name)
             if v is None and name in ("eos_id", "num_epochs"):
@@ -407,6 +411,8 @@ def batch_iterator(config: DataConfig, split: Literal["train", "validation"] = "
     docs = docs.repeat(num_epochs)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=_READ_BUFFER)
     rows = ConcatThenSplitIterDataset(docs.to_iter_dataset(read), length_struct={"input_ids": config.seq_len})
+    if config.shuffle and config.shuffle_rows > 1:
+        rows = WindowShuffleIterDataset(rows, window_size=config.shuffle_rows, seed=config.seed)
     local = config.global_batch_size // pc
     ds = rows.batch(local, batch_fn=functools.partial(_stack, batch=local, seq_len=config.seq_len))
     if config.prefetch:

@@ -29,7 +29,8 @@ PAD = "<|pad|>"
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, EOS)
 # Directories of the stdlib that are not library code (tests, the IDLE test suite) or not the stdlib at all.
-EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+                           "encodings"})
 
 
 def stdlib_root() -> Path:
