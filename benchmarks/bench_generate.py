@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.hf_side import HF_PYTHON_DEFAULT, HF_PYTHON_HELP, check_hf_python, ensure_checkpoint, run_worker
+from benchmarks.hf_side import add_arguments, check_hf_python, ensure_checkpoint, run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,16 +81,12 @@ def acceptance(out) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf-python", default=HF_PYTHON_DEFAULT, help=HF_PYTHON_HELP)
-    ap.add_argument("--checkpoint", type=Path, default=Path(tempfile.gettempdir()) / "glmjax_bench_prefill_ckpt")
+    add_arguments(ap, Path(tempfile.gettempdir()) / "glmjax_bench_prefill_ckpt", ("make", "generate"))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--demo-new", type=int, default=128)
-    ap.add_argument("--worker", choices=["make", "generate"], help=argparse.SUPPRESS)
-    ap.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker == "make":

@@ -28,14 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.hf_side import (
-    HF_PYTHON_DEFAULT,
-    HF_PYTHON_HELP,
-    check_hf_python,
-    ensure_checkpoint,
-    make_checkpoint,
-    run_worker,
-)
+from benchmarks.hf_side import add_arguments, check_hf_python, ensure_checkpoint, make_checkpoint, run_worker
 
 BENCH_CONFIG = dict(
     vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
@@ -104,14 +97,10 @@ def glmjax_time(ckpt: Path, ids, repeats: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf-python", default=HF_PYTHON_DEFAULT, help=HF_PYTHON_HELP)
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CKPT, help="written by transformers if missing")
+    add_arguments(ap, DEFAULT_CKPT, ("make", "time"))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--worker", choices=["make", "time"], help=argparse.SUPPRESS)
-    ap.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker == "make":

@@ -62,8 +62,7 @@ if not __package__:  # run as a file (python benchmarks/bench_train.py) rather t
 
 from benchmarks.bench_prefill_cpu import BENCH_CONFIG  # noqa: E402
 from benchmarks.hf_side import (  # noqa: E402
-    HF_PYTHON_DEFAULT,
-    HF_PYTHON_HELP,
+    add_arguments,
     check_hf_python,
     ensure_checkpoint,
     make_checkpoint,
@@ -173,13 +172,10 @@ def glmjax_train(ckpt: Path, batches) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf-python", default=HF_PYTHON_DEFAULT, help=HF_PYTHON_HELP)
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CKPT, help="written by transformers if missing")
+    add_arguments(ap, DEFAULT_CKPT, ("make", "train"))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per side, after one warm-up step")
-    ap.add_argument("--worker", choices=["make", "train"], help=argparse.SUPPRESS)
-    ap.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker == "make":

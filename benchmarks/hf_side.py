@@ -17,6 +17,18 @@ HF_PYTHON_DEFAULT = os.environ.get("GLMJAX_HF_PYTHON", "/tmp/hf/bin/python")
 HF_PYTHON_HELP = "python of the transformers environment (default $GLMJAX_HF_PYTHON or /tmp/hf/bin/python)"
 
 
+def add_arguments(ap, checkpoint: Path, workers: tuple[str, ...]) -> None:
+    """The arguments every side-by-side benchmark takes: --hf-python, --checkpoint (written by transformers if
+    missing), and the hidden worker ones (--worker, one of `workers`; --ids and --out files)."""
+    import argparse
+
+    ap.add_argument("--hf-python", default=HF_PYTHON_DEFAULT, help=HF_PYTHON_HELP)
+    ap.add_argument("--checkpoint", type=Path, default=checkpoint, help="written by transformers if missing")
+    ap.add_argument("--worker", choices=list(workers), help=argparse.SUPPRESS)
+    ap.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+
+
 def check_hf_python(ap, hf_python: str) -> None:
     """argparse error with the set-up command when the transformers environment is missing."""
     if not Path(hf_python).exists():
