@@ -7,6 +7,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.quantize import QuantizedRows, dequantize
+
 INVALID_INDEX = -1  # a top-k slot with no valid key behind it (context shorter than k, padding)
 
 
@@ -81,11 +83,21 @@ def kernel_family(impl: str, interpret: bool) -> str:
     raise ValueError(f"unknown kernel impl {impl!r}; expected 'reference' or one of {PALLAS_IMPLS}")
 
 
-def gather_rows(x: jax.Array, indices: jax.Array) -> jax.Array:
+def gather_rows(x, indices: jax.Array, dtype=None) -> jax.Array:
     """x [B, S, ...], indices [B, T, K] -> [B, T, K, ...] rows x[b, indices[b, t, k]]; a negative (empty) index
-    reads row 0, which the caller masks."""
-    S = x.shape[1]
-    return jax.vmap(lambda x_b, i_b: x_b[jnp.clip(i_b, 0, S - 1)])(x, indices)
+    reads row 0, which the caller masks. x [1, S, ...] is one pool of rows shared by every batch row (a paged
+    cache: indices are pool rows). x may be QuantizedRows: only the selected rows are read, and they are
+    dequantized to `dtype`."""
+
+    def gather(a):
+        idx = jnp.clip(indices, 0, a.shape[1] - 1)
+        if a.shape[0] == 1:
+            return a[0][idx]
+        return jax.vmap(lambda a_b, i_b: a_b[i_b])(a, idx)
+
+    if isinstance(x, QuantizedRows):
+        return dequantize(jax.tree.map(gather, x), dtype)
+    return gather(x)
 
 
 # Inside a shard_map with check_vma, every value's type says which manual mesh axes it varies over. A

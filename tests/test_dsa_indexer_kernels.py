@@ -1,5 +1,6 @@
-"""Indexer kernels: the exact threshold top-k and the TPU scores kernel (interpret mode), the public op's
-dispatch (kernel family, block configs, document masking, tensor-parallel score reduction), TPU AOT compiles."""
+"""Indexer kernels: the exact threshold top-k (on one device and over keys split across devices) and the TPU
+scores kernel (interpret mode), the public op's dispatch (kernel family, block configs, document masking,
+tensor-parallel score reduction, sequence-sharded keys), TPU AOT compiles."""
 
 import dataclasses
 import functools
@@ -17,7 +18,7 @@ from pallas_kernels.blocks import BlockConfigError, IndexerScoresTpuBlocks, load
 from pallas_kernels.common import kernel_family
 from pallas_kernels.dsa_indexer import indexer_scores, indexer_topk
 from pallas_kernels.dsa_indexer.reference import indexer_scores_block
-from pallas_kernels.dsa_indexer.topk import exact_topk
+from pallas_kernels.dsa_indexer.topk import exact_topk, sharded_topk
 from pallas_kernels.dsa_indexer.tpu import indexer_scores_tpu, kth_largest_key_tpu, quantize_keys_int8
 from tests.conftest import REPO
 
@@ -65,6 +66,55 @@ def test_exact_topk_ties_take_the_lowest_index_and_fold_signed_zero():
     x = np.array([[0.0, 1.0, -0.0, 1.0, 0.0, 1.0, -0.0, 2.0]], np.float32)
     got = set(np.asarray(exact_topk(jnp.asarray(x), 6))[0].tolist())
     assert got == {7, 1, 3, 5, 0, 2}  # 2.0, the three 1.0s, then the first two (signed) zeros
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_sharded_topk_equals_the_single_device_topk_as_a_set(n):
+    """Keys split into n contiguous shards: the union of the shards' selections is exact_topk's set, with ties
+    at the threshold straddling shards (taken lowest global index first), -inf keys, a row with nothing
+    valid, and k larger than one shard's keys (one shard holds the whole top-k)."""
+    rng = np.random.default_rng(n)
+    R, S = 6, 16 * n
+    x = np.round(rng.normal(size=(R, S)) * 2).astype(np.float32)  # many ties
+    x[rng.random((R, S)) < 0.2] = -np.inf
+    x[1] = -np.inf
+    x[2, :] = 1.0  # all tied: the first k
+    x[3, -12:] = 50.0 + np.arange(12)  # the top 12 on the last shard alone
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("context",))
+    for k in (5, 12, 24, 3 * S // 2):
+        want = np.asarray(exact_topk(jnp.asarray(x), k))
+        local = jax.jit(jax.shard_map(lambda s, k=k: sharded_topk(s, k, ("context",)), mesh=mesh,
+                                      in_specs=P(None, "context"), out_specs=P(None, "context")))(jnp.asarray(x))
+        parts = np.split(np.asarray(local), n, axis=-1)  # each shard reserves min(k, S / n) slots
+        assert parts[0].shape[-1] == min(k, S // n)
+        for r in range(R):
+            got = [int(i) + j * (S // n) for j, p in enumerate(parts) for i in p[r] if i >= 0]
+            assert len(got) == len(set(got))
+            assert set(got) == {int(i) for i in want[r] if i >= 0}, (k, r)
+
+
+@pytest.mark.parametrize("impl,interpret", [("reference", False), ("pallas_tpu", True)])
+def test_indexer_topk_over_sequence_sharded_keys(impl, interpret):
+    """indexer_topk with the keys split over 4 devices (key_shards; query positions relative to each shard's
+    first key) selects the single-device top-k, causal and document masks included."""
+    n, T = 4, 24
+    q, k, w, kw = _topk_case(T, 7, docs=True)
+    kw = dict(kw, topk=8, q_block=8, impl=impl, interpret=interpret)
+    want = indexer_topk(q, k, w, **kw)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("context",))
+
+    def local(k, valid):
+        offset = jax.lax.axis_index("context") * k.shape[1]
+        shard = dict(kw, key_valid=valid, query_index=kw["query_index"] - offset,
+                     query_start=kw["query_start"] - offset, key_shards=("context",))
+        return indexer_topk(q, k, w, **shard)
+
+    got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(None, "context"), P(None, "context")),
+                                out_specs=P(None, None, "context"), check_vma=False))(k, kw["key_valid"])
+    parts = np.split(np.asarray(got), n, axis=-1)
+    sets = [[{int(i) + j * (T // n) for j, p in enumerate(parts) for i in p[b, t] if i >= 0} for t in range(T)]
+            for b in range(2)]
+    assert sets == topk_sets(want)
 
 
 def _inputs(rng, B, T, S, H, D, dtype):

@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.dsa_indexer import indexer_scores_at, indexer_topk
-from pallas_kernels.sparse_mla import attention_probs_at, sparse_mla
+from pallas_kernels.sparse_mla import attention_probs_at, merge_shards, sparse_mla
 
 
 def dense_scores(q, k, w, key_valid, scale, query_start=None):
@@ -98,6 +99,33 @@ def test_sparse_mla_equals_dense_masked_attention_forward_and_backward():
     for a, b in zip(g_ours, g_ref, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
         assert np.all(np.isfinite(np.asarray(a)))
+
+
+def test_attention_over_rows_split_across_devices_merges_by_log_sum_exp():
+    """Each of 4 devices attends over its own share of every query's rows (local indices into its quarter of
+    kv); merge_shards gives the single-device output and lse, including queries whose rows all sit on one
+    shard and a query with no row at all (zeros and -inf, not NaN)."""
+    B, T, S, H, Dk, v_dim, K, n = 2, 6, 32, 3, 24, 16, 8, 4
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(B, T, H, Dk)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(B, S, Dk)), jnp.float32)
+    idx = np.stack([[rng.choice(S, K, replace=False) for _ in range(T)] for _ in range(B)]).astype(np.int32)
+    idx[0, 1] = np.arange(K) + 16  # all on shard 2
+    idx[1, 2] = -1  # nothing selected
+    kw = dict(scale=Dk**-0.5, v_dim=v_dim, q_block=4)
+    want_out, want_lse = sparse_mla(q, kv, jnp.asarray(idx), **kw)
+    # Shard j keeps its rows, in local indices, in K slots (-1 elsewhere).
+    local = np.concatenate([np.where(idx // (S // n) == j, idx % (S // n), -1) for j in range(n)], axis=-1)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("context",))
+
+    def shard(kv, ix):
+        return merge_shards(*sparse_mla(q, kv, ix, **kw), ("context",))
+
+    out, lse = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(P(None, "context"), P(None, None, "context")),
+                                     out_specs=(P(), P())))(kv, jnp.asarray(local))
+    np.testing.assert_allclose(out, want_out, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, atol=1e-5)
+    assert np.all(np.asarray(out)[1, 2] == 0) and np.all(np.isneginf(np.asarray(lse)[1, 2]))
 
 
 # ---- indexer-loss terms

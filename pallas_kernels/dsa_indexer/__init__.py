@@ -16,7 +16,7 @@ from pallas_kernels.blocks import tuned_blocks
 from pallas_kernels.common import check_q_block, kernel_family, map_query_blocks
 from pallas_kernels.dsa_indexer.loss_terms import indexer_scores_at
 from pallas_kernels.dsa_indexer.reference import indexer_scores_block, indexer_topk_reference
-from pallas_kernels.dsa_indexer.topk import exact_topk
+from pallas_kernels.dsa_indexer.topk import exact_topk, sharded_topk
 
 __all__ = ["indexer_scores", "indexer_scores_at", "indexer_topk", "select_topk"]
 
@@ -30,7 +30,14 @@ def _scores(family: str, interpret: bool, q, k, w, key_valid, query_index, query
                   blocks=tuned_blocks("indexer_scores", family), interpret=interpret)
 
 
-def _select(family: str, interpret: bool, scores, k: int):
+def _dequantized(k, k_scale):
+    """The reference's keys: quantized keys times their per-token scales (float32), else k as it is."""
+    return k if k_scale is None else k.astype(jnp.float32) * k_scale[..., None]
+
+
+def _select(family: str, interpret: bool, scores, k: int, key_shards: tuple[str, ...] = ()):
+    if key_shards:  # the 32 counting passes need an all-reduce each: XLA's loop, not the VMEM kernel
+        return sharded_topk(scores, k, key_shards)
     threshold_fn = None
     if family == "tpu":
         from pallas_kernels.dsa_indexer.tpu import kth_largest_key_tpu
@@ -48,9 +55,7 @@ def indexer_scores(q, k, w, *, key_valid, query_index, scale: float, impl: str =
     key_valid [B,S] bool, query_index [B,T] int32, query_start [B,T] int32 or None (see
     `indexer_topk_reference`). impl: "reference" or a Pallas impl (see common.kernel_family)."""
     if impl == "reference":
-        if k_scale is not None:
-            raise ValueError("indexer_scores: quantized keys (k_scale) need a Pallas impl")
-        return indexer_scores_block(q, k, w, key_valid, query_index, scale, query_start)
+        return indexer_scores_block(q, _dequantized(k, k_scale), w, key_valid, query_index, scale, query_start)
     return _scores(kernel_family(impl, interpret), interpret, q, k, w, key_valid, query_index, query_start,
                    scale, k_scale)
 
@@ -63,7 +68,7 @@ def select_topk(scores, k: int, *, impl: str, interpret: bool = False):
 
 def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_block: int,
                  impl: str = "reference", interpret: bool = False, query_start=None, reduce_scores=None,
-                 k_scale=None):
+                 k_scale=None, key_shards: tuple[str, ...] = ()):
     """Top-k key indices [B, T, min(topk, S)] int32 per query, -1 in empty slots.
 
     q [B,T,H,D], k [B,S,D], w [B,T,H] float32, key_valid [B,S] bool, query_index [B,T] int32, query_start
@@ -71,12 +76,25 @@ def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_
     Queries are walked in blocks of q_block (lax.map) by every impl. reduce_scores, if given, maps each
     block's scores [B,bq,S] float32 before the top-k: `lambda s: jax.lax.psum(s, "tensor")` when the heads
     are split over devices (masked entries are -inf on every device, and stay -inf). k_scale: quantized keys
-    (Pallas impls only). The reference returns indices best first; the Pallas path returns them in
-    increasing key order (same set). interpret is ignored by the reference."""
+    (every impl; the reference dequantizes them first). The reference returns indices best first; the Pallas
+    path returns them in increasing key order (same set). interpret is ignored by the reference.
+
+    key_shards: mesh axes the keys are split over (inside shard_map; a sequence-sharded KV cache): k and
+    key_valid are this shard's consecutive keys, query_index and query_start are given relative to its first
+    key, and the result is this shard's part of the global top-k in local indices (topk.sharded_topk, for
+    every impl)."""
     check_q_block(q_block)
     if impl == "reference":
-        if k_scale is not None:
-            raise ValueError("indexer_topk: quantized keys (k_scale) need a Pallas impl")
+        k = _dequantized(k, k_scale)
+    if key_shards and impl == "reference":
+
+        def ref_block(qb, wb, qib, qsb):
+            scores = indexer_scores_block(qb, k, wb, key_valid, qib, scale, qsb)
+            return sharded_topk(scores if reduce_scores is None else reduce_scores(scores), topk, key_shards)
+
+        qs = jnp.zeros_like(query_index) if query_start is None else query_start
+        return map_query_blocks(ref_block, q_block, q, w, query_index, qs)
+    if impl == "reference":
         return indexer_topk_reference(q, k, w, key_valid=key_valid, query_index=query_index, topk=topk,
                                       scale=scale, q_block=q_block, query_start=query_start,
                                       reduce_scores=reduce_scores)
@@ -87,6 +105,6 @@ def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_
         scores = _scores(family, interpret, qb, k, wb, key_valid, qib, qsb, scale, k_scale)
         if reduce_scores is not None:
             scores = reduce_scores(scores)
-        return _select(family, interpret, scores, topk)
+        return _select(family, interpret, scores, topk, key_shards)
 
     return map_query_blocks(block, q_block, q, w, query_index, qs)

@@ -44,8 +44,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import IndexerScoresGpuBlocks
 from pallas_kernels.common import out_struct, pad_axis
+from pallas_kernels.quantize import quantize
 
-FP8_E4M3_MAX = 448.0
 NO_START = 2**31 - 1  # query_start of a padded query: above every key, so it never lowers a tile's minimum
 
 
@@ -61,12 +61,8 @@ def quantize_keys_fp8(k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-token FP8 (e4m3) quantization of indexer keys for the serving cache.
 
     k [B,S,D] -> (k_fp8 [B,S,D] float8_e4m3fn, k_scale [B,S] float32) with k ~= k_fp8 * k_scale[..., None];
-    k_scale = amax over D / 448 (1 for an all-zero row)."""
-    kf = k.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(kf), axis=-1)
-    k_scale = jnp.where(amax > 0, amax / FP8_E4M3_MAX, 1.0).astype(jnp.float32)
-    k_fp8 = jnp.clip(kf / k_scale[..., None], -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(jnp.float8_e4m3fn)
-    return k_fp8, k_scale
+    k_scale = amax over D / 448 (1 for an all-zero row); quantize.quantize."""
+    return quantize(k, jnp.float8_e4m3fn)
 
 
 def _indexer_kernel(q_ref, k_ref, w_ref, valid_ref, qi_ref, qs_ref, *rest, scale, block_q, heads, block_k,

@@ -32,6 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.blocks import IndexerScoresTpuBlocks, KthLargestKeyTpuBlocks
 from pallas_kernels.common import cdiv, out_struct, pad_axis
 from pallas_kernels.dsa_indexer.topk import SIGN, ordered_keys
+from pallas_kernels.quantize import quantize
 
 NO_START = 2**31 - 1  # query_start of a padded query: above every key, so it never lowers a tile's minimum
 
@@ -125,10 +126,8 @@ def indexer_scores_tpu(q, k, w, key_valid, query_index, *, scale: float, blocks:
 
 
 def quantize_keys_int8(k):
-    """k [..., D] -> (int8 keys, float32 per-token scale [...]): symmetric, amax / 127."""
-    kf = k.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(kf), axis=-1), 1e-12) / 127.0
-    return jnp.clip(jnp.round(kf / scale[..., None]), -127, 127).astype(jnp.int8), scale
+    """k [..., D] -> (int8 keys, float32 per-token scale [...]): symmetric, amax / 127 (quantize.quantize)."""
+    return quantize(k, jnp.int8)
 
 
 def _threshold_kernel(s_ref, o_ref, *, k):

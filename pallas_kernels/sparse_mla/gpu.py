@@ -41,6 +41,12 @@ token (K = 2048 rows x 576 x 4 bytes; 302 MiB per 64-token block) and XLA's GPU 
 loop of atomics, whereas in-kernel atomics issue the same adds once, straight from registers, into an
 L2-resident row. Costs: float32 summation order is not deterministic, and rows chosen by many queries
 (attention sinks, recent tokens) see atomic contention. The caller gets dkv in kv.dtype.
+
+Quantized rows (forward only: a serving cache). kv may be `QuantizedRows`: the latent part as 8-bit values
+with one float32 scale per row, the rope part unquantized. The kernel then takes the three arrays and
+dequantizes each gathered block of rows in registers (values * scale, cast to q's dtype for the dots), so
+a row costs 512 + 4 + 128 bytes of reads instead of 1152. kv [1, S, Dk] (forward only) is one pool of
+rows that every batch row's indices point into: a paged cache.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from pallas_kernels.common import (
     pad_axis,
     to_query_blocks,
 )
+from pallas_kernels.quantize import QuantizedRows
 
 
 def _next_pow2(n: int) -> int:
@@ -75,11 +82,15 @@ def _is_pow2(n: int) -> bool:
 
 def _check_shapes(name, q, kv, indices, v_dim, block_k):
     B, T, H, Dk = q.shape
-    if kv.ndim != 3 or kv.shape[0] != B or kv.shape[2] != Dk:
+    if kv.ndim != 3 or kv.shape[0] not in (B, 1) or kv.shape[2] != Dk:
         raise ValueError(f"{name}: kv {kv.shape} must be [B,S,Dk] matching q {q.shape} ([B,T,H,Dk])")
     if indices.ndim != 3 or indices.shape[:2] != (B, T):
         raise ValueError(f"{name}: indices {indices.shape} must be [B,T,K] matching q {q.shape}")
-    if q.dtype != kv.dtype:
+    if isinstance(kv, QuantizedRows):
+        if kv.tail is None or kv.tail.dtype != q.dtype or kv.quantized_dims != v_dim or kv.packed:
+            raise ValueError(f"{name}: quantized kv needs its first v_dim ({v_dim}) dims quantized and a tail "
+                             f"(the rope dims) in q's dtype {q.dtype}")
+    elif q.dtype != kv.dtype:
         raise ValueError(f"{name}: q ({q.dtype}) and kv ({kv.dtype}) must have the same dtype")
     rope = Dk - v_dim
     if not (_is_pow2(v_dim) and v_dim >= 16 and (rope == 0 or (_is_pow2(rope) and rope >= 16))):
@@ -103,12 +114,26 @@ def _qk(q_lat, q_rope, rows_lat, rows_rope):
     return s
 
 
-def _fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref, *, scale, v_dim, rope, block_k, blocks_per_split):
+def _fwd_kernel(q_ref, *refs, scale, v_dim, rope, block_k, blocks_per_split, quantized):
+    """refs: kv_ref, idx_ref, o_ref, lse_ref; quantized: values_ref [S, v_dim] (8-bit), scale_ref [S] float32
+    and tail_ref [S, rope] (q's dtype) in place of kv_ref."""
+    if quantized:
+        values_ref, scale_ref, tail_ref, idx_ref, o_ref, lse_ref = refs
+    else:
+        kv_ref, idx_ref, o_ref, lse_ref = refs
     split = pl.program_id(2)
     q_lat = q_ref[:, pl.ds(0, v_dim)]
     q_rope = q_ref[:, pl.ds(v_dim, rope)] if rope else None
     bh = q_lat.shape[0]
-    mm_dtype = kv_ref.dtype
+    mm_dtype = q_ref.dtype
+
+    def load_rows(rows, valid):
+        if not quantized:
+            return _gather(kv_ref, rows, valid, 0, v_dim), (_gather(kv_ref, rows, valid, v_dim, rope) if rope else None)
+        # Only the selected rows are read; each is dequantized in registers (8-bit values times its scale).
+        row_scale = plgpu.load(scale_ref.at[rows], mask=valid, other=0.0)
+        lat = _gather(values_ref, rows, valid, 0, v_dim).astype(jnp.float32) * row_scale[:, None]
+        return lat.astype(mm_dtype), (_gather(tail_ref, rows, valid, 0, rope) if rope else None)
 
     def body(i, carry):
         acc, m, l = carry
@@ -116,8 +141,7 @@ def _fwd_kernel(q_ref, kv_ref, idx_ref, o_ref, lse_ref, *, scale, v_dim, rope, b
         idx = idx_ref[pl.ds(base, block_k)]
         valid = idx >= 0
         rows = jnp.where(valid, idx, 0)
-        rows_lat = _gather(kv_ref, rows, valid, 0, v_dim)
-        rows_rope = _gather(kv_ref, rows, valid, v_dim, rope) if rope else None
+        rows_lat, rows_rope = load_rows(rows, valid)
         s = _qk(q_lat, q_rope, rows_lat, rows_rope) * scale
         s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -181,30 +205,39 @@ def _fwd_call(kv, qp, idx, *, scale, v_dim, block_k, block_h, num_splits, blocks
     rope = Dk - v_dim
     nh = Hp // block_h
     o_dtype = qp.dtype if num_splits == 1 else jnp.float32
+    quantized = isinstance(kv, QuantizedRows)
     kernel = functools.partial(_fwd_kernel, scale=scale, v_dim=v_dim, rope=rope, block_k=block_k,
-                               blocks_per_split=blocks_per_split)
+                               blocks_per_split=blocks_per_split, quantized=quantized)
     rows_read = B * T * nh * idx.shape[2]
+    shared = kv.shape[0] == 1  # one pool of rows for every batch row (a paged cache)
+    whole = lambda *shape: pl.BlockSpec(  # noqa: E731
+        (None, S, *shape), lambda t, h, s, b: (0 if shared else b, 0) + (0,) * len(shape))
+    if quantized:
+        kv_args, kv_specs = tuple(kv), [whole(v_dim), whole(), whole(rope)]
+        row_bytes = v_dim * kv.values.dtype.itemsize + 4 + rope * kv.tail.dtype.itemsize
+    else:
+        kv_args, kv_specs, row_bytes = (kv,), [whole(Dk)], Dk * kv.dtype.itemsize
     o_part, lse_part = pl.pallas_call(
         kernel,
         grid=(T, nh, num_splits, B),
         in_specs=[
             pl.BlockSpec((None, None, block_h, Dk), lambda t, h, s, b: (b, t, h, 0)),
-            pl.BlockSpec((None, S, Dk), lambda t, h, s, b: (b, 0, 0)),
+            *kv_specs,
             pl.BlockSpec((None, None, idx.shape[2]), lambda t, h, s, b: (b, t, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, block_h, v_dim), lambda t, h, s, b: (b, t, s, h, 0)),
             pl.BlockSpec((None, None, None, block_h), lambda t, h, s, b: (b, t, s, h)),
         ],
-        out_shape=[out_struct((B, T, num_splits, Hp, v_dim), o_dtype, qp, kv, idx),
-                   out_struct((B, T, num_splits, Hp), jnp.float32, qp, kv, idx)],
+        out_shape=[out_struct((B, T, num_splits, Hp, v_dim), o_dtype, qp, *kv_args, idx),
+                   out_struct((B, T, num_splits, Hp), jnp.float32, qp, *kv_args, idx)],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         cost_estimate=pl.CostEstimate(flops=2 * rows_read * block_h * (Dk + v_dim),
                                       transcendentals=rows_read * block_h,
-                                      bytes_accessed=rows_read * Dk * kv.dtype.itemsize + qp.size * qp.dtype.itemsize),
+                                      bytes_accessed=rows_read * row_bytes + qp.size * qp.dtype.itemsize),
         interpret=interpret,
         name="sparse_mla_fwd",
-    )(qp, kv, idx)
+    )(qp, *kv_args, idx)
 
     if num_splits == 1:
         return o_part[:, :, 0], lse_part[:, :, 0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.common import gather_rows, map_query_blocks
+from pallas_kernels.quantize import QuantizedRows, dequantize
 
 DENSE_BELOW = 4
 
@@ -20,7 +21,9 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: i
 
     Args:
       q: [B, T, H, Dk] absorbed queries (q_nope @ W_UK, then the roped q, concatenated).
-      kv: [B, S, Dk] latent rows (normed kv latent, then the roped shared key).
+      kv: [B, S, Dk] latent rows (normed kv latent, then the roped shared key), or QuantizedRows of them
+        (dequantized to q's dtype as they are read); [1, S, Dk]: one pool of rows for every batch row (a paged
+        cache; indices are rows of the pool).
       indices: [B, T, K] int32 selected rows; negative entries are empty slots.
       scale: softmax scale. v_dim: the first v_dim dims of each row are its value. q_block: queries per block.
     Returns:
@@ -32,7 +35,9 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: i
     # With few rows in all (S <= DENSE_BELOW * K: short sequences, small caches), scoring every row and masking
     # the unselected ones costs little more than the selected rows alone and avoids gathering a [bq, K, Dk]
     # copy per query; the indexer's selections are distinct, so the two forms agree.
-    dense = S <= DENSE_BELOW * K
+    dense = S <= DENSE_BELOW * K and kv.shape[0] == q.shape[0]  # (not over a shared pool of rows)
+    if dense and isinstance(kv, QuantizedRows):
+        kv = dequantize(kv, q.dtype)
 
     def block(qb, ib):
         if dense:
@@ -40,7 +45,7 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: i
             logits = jnp.einsum("bqhd,bsd->bqhs", qb, kv, preferred_element_type=jnp.float32) * scale
         else:
             valid = ib >= 0
-            rows = gather_rows(kv, ib)  # [B,bq,K,Dk]
+            rows = gather_rows(kv, ib, q.dtype)  # [B,bq,K,Dk]
             logits = jnp.einsum("bqhd,bqkd->bqhk", qb, rows, preferred_element_type=jnp.float32) * scale
         logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
         m = jnp.max(logits, axis=-1, keepdims=True)

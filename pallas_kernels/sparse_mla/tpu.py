@@ -2,7 +2,8 @@
 
 Semantics are exactly `sparse_mla_reference` (forward) and its gradient (backward); shapes as there:
 q [B, T, H, Dk], kv [B, S, Dk], indices [B, T, K] int32 (negative = empty slot), out [B, T, H, v_dim] in
-q.dtype, lse [B, T, H] float32 (zeros / -inf for a query with no valid row).
+q.dtype, lse [B, T, H] float32 (zeros / -inf for a query with no valid row). Forward only: kv may be
+[1, S, Dk], one pool of rows for every batch row (a paged cache), or QuantizedRows.
 
 Design
 ------
@@ -80,6 +81,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.blocks import SparseMlaBwdTpuBlocks, SparseMlaFwdTpuBlocks
 from pallas_kernels.common import cdiv, check_q_block, gather_rows, match_varying, out_struct, pad_axis
+from pallas_kernels.quantize import QuantizedRows
 
 LANES = 128
 MASK_FLOOR = -1e30  # finite stand-in for -inf in the running max
@@ -113,13 +115,17 @@ def _check(q, kv, indices, v_dim):
         raise ValueError(f"sparse_mla_tpu: want q [B,T,H,Dk], kv [B,S,Dk], indices [B,T,K]; got q {q.shape}, "
                          f"kv {kv.shape}, indices {indices.shape}")
     B, T, H, Dk = q.shape
-    if kv.shape[0] != B or indices.shape[:2] != (B, T):
+    if kv.shape[0] not in (B, 1) or indices.shape[:2] != (B, T):
         raise ValueError(f"sparse_mla_tpu: batch/seq mismatch: q {q.shape}, kv {kv.shape}, indices {indices.shape}")
     Dp = _round_up(Dk, LANES)
     if kv.shape[2] not in (Dk, Dp):
         raise ValueError(f"sparse_mla_tpu: kv width {kv.shape[2]} must be q's Dk ({Dk}) or Dk padded to "
                          f"{LANES} lanes ({Dp})")
-    if q.dtype != kv.dtype:
+    quantized = isinstance(kv, QuantizedRows)
+    if quantized and (kv.tail is None or kv.tail.dtype != q.dtype or kv.quantized_dims != v_dim):
+        raise ValueError(f"sparse_mla_tpu: quantized kv needs its first v_dim ({v_dim}) dims quantized and a "
+                         f"tail (the rope dims) in q's dtype {q.dtype}")
+    if not quantized and q.dtype != kv.dtype:
         raise ValueError(f"sparse_mla_tpu: q ({q.dtype}) and kv ({kv.dtype}) must have one dtype")
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise ValueError(f"sparse_mla_tpu: indices must be integers, got {indices.dtype}")
@@ -147,9 +153,10 @@ def _pad_cache_first(S: int, T_pad: int, K_pad: int) -> bool:
     return T_pad * K_pad >= S
 
 
-def _gather_rows(kv, idx, Dp: int):
-    """kv [B, S, D], idx [B, bq, K] -> rows [B, bq, K, Dp] (XLA gather; empty slots read row 0, masked later)."""
-    return pad_axis(gather_rows(kv, idx), 3, Dp)
+def _gather_rows(kv, idx, Dp: int, dtype):
+    """kv [B, S, D] (or QuantizedRows, dequantized to dtype in the gather's fusion), idx [B, bq, K] -> rows
+    [B, bq, K, Dp] (XLA gather; empty slots read row 0, masked later)."""
+    return pad_axis(gather_rows(kv, idx, dtype), 3, Dp)
 
 
 def vmem_bytes_fwd(tq: int, kb: int, H: int, Dp: int, v_dim: int, itemsize: int) -> int:
@@ -262,12 +269,12 @@ def sparse_mla_fwd_tpu(q, kv, indices, *, scale: float, v_dim: int, q_block: int
     q_blocks = _blocks(pad_axis(q, 3, Dp), T_pad, bq, 0)  # [nb, B, bq, H, Dp]
     idx_blocks = _blocks(indices, T_pad, bq, -1)  # [nb, B, bq, K_pad]
     N = B * bq
-    if kv.shape[2] != Dp and _pad_cache_first(kv.shape[1], T_pad, K_pad):
+    if not isinstance(kv, QuantizedRows) and kv.shape[2] != Dp and _pad_cache_first(kv.shape[1], T_pad, K_pad):
         kv = pad_axis(kv, 2, Dp)
 
     def one_block(xs):
         qb, ib = xs
-        rows = _gather_rows(kv, ib, Dp).reshape(N, K_pad, Dp)
+        rows = _gather_rows(kv, ib, Dp, q.dtype).reshape(N, K_pad, Dp)
         out, lse = _fwd_call(qb.reshape(N, H, Dp), rows, ib.reshape(N, 1, K_pad), scale=scale, v_dim=v_dim,
                              kb=kb, tq=tq, interpret=interpret)
         return out.reshape(B, bq, H, v_dim), lse.reshape(B, bq, H)
@@ -367,7 +374,7 @@ def sparse_mla_bwd_tpu(q, kv, indices, out, lse, d_out, *, scale: float, v_dim: 
 
     def step(dkv_acc, xs):
         qdb, ib, lb, db = xs
-        rows = _gather_rows(kv, ib, Dp).reshape(N, K_pad, Dp)
+        rows = _gather_rows(kv, ib, Dp, q.dtype).reshape(N, K_pad, Dp)
         dq, drows = _bwd_call(qdb.reshape(N, 2 * H, Dp), rows, ib.reshape(N, 1, K_pad), lb.reshape(N, H, 1),
                               db.reshape(N, H, 1), scale=scale, kb=kb, tq=tq, interpret=interpret)
         target = jnp.where(ib >= 0, jnp.clip(ib, 0, S - 1), S)  # empty slots -> out of bounds -> dropped
