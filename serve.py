@@ -80,6 +80,15 @@ def mesh_shape(text: str) -> dict[str, int]:
     return shape
 
 
+def axis_names(text: str) -> tuple[str, ...]:
+    """'context,expert' -> ("context", "expert") (argparse type of --kv-seq-axes)."""
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    bad = [a for a in names if a not in MESH_AXES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated mesh axes of {MESH_AXES}")
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, help="HF checkpoint directory (default: the bundled demo model)")
@@ -106,6 +115,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     en.add_argument("--prefill-chunk", type=count, default=256)
     en.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     en.add_argument("--mesh", type=mesh_shape, help="shard over the local devices, e.g. tensor=4,expert=2")
+    en.add_argument("--kv-seq-axes", type=axis_names, default=("context",),
+                    help="mesh axes every request's KV cache is split over along the sequence (default context; "
+                         "context,expert for a few long requests: their slots are then not split over expert)")
+    en.add_argument("--page-size", type=count, default=None,
+                    help="a paged KV cache of pages of this many tokens (default: one max-len slot per sequence)")
+    en.add_argument("--num-pages", type=count, default=None,
+                    help="pages in the paged cache (default slots x max-len / page-size); a request waits until "
+                         "the pages of its prompt + max_tokens are free")
+    en.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="fp8: latent rows in float8 e4m3 with per-row scales (rope dims unquantized) and 8-bit "
+                         "indexer keys, about half the cache bytes; auto: the compute dtype")
     en.add_argument("--scan-layers", action="store_true",
                     help="run the stacked IndexShare groups in a lax.scan (faster compiles); by default every "
                          "group has its own weights, which a scan would copy out of the stack on every step")
@@ -135,6 +155,10 @@ def max_len(args, cfg) -> int:
     return n
 
 
+def kv_quant(args) -> str:
+    return "fp8" if args.kv_cache_dtype == "fp8" else "none"
+
+
 def build_engine(args, cfg) -> tuple[Engine, TextCodec | None, float]:
     path = args.checkpoint or demo_checkpoint()
     t0 = time.perf_counter()
@@ -152,7 +176,8 @@ def build_engine(args, cfg) -> tuple[Engine, TextCodec | None, float]:
         k = 3 if cfg.num_nextn_predict_layers else 0
     config = EngineConfig(slots=args.slots, max_len=max_len(args, cfg),
                           prefill_chunk=args.prefill_chunk, num_speculative_tokens=k,
-                          draft_sampling=args.draft_sampling)
+                          draft_sampling=args.draft_sampling, kv_seq_axes=args.kv_seq_axes,
+                          kv_quant=kv_quant(args), page_size=args.page_size, num_pages=args.num_pages)
     codec = TextCodec.from_checkpoint(path)
     return Engine(model, config, mesh=mesh, codec=codec), codec, time.perf_counter() - t0
 
@@ -200,12 +225,14 @@ def batch_run(args, engine: Engine) -> None:
 
 def compile_only(args) -> None:
     from glmjax.serve.compile_only import compile_serve_step
+    from glmjax.serve.engine import serve_rules
 
     cfg = HFCheckpoint(args.checkpoint).config if args.checkpoint else glmjax.load_config(args.config)
     k = 3 if args.num_speculative_tokens is None else args.num_speculative_tokens
     report = compile_serve_step(cfg, args.topology, args.mesh or {}, slots=args.slots,
                                 max_len=args.max_len or cfg.max_position_embeddings, k=k, program=args.program,
-                                prefill_chunk=args.prefill_chunk)
+                                prefill_chunk=args.prefill_chunk, rules=serve_rules(args.kv_seq_axes),
+                                kv_quant=kv_quant(args))
     print(report.table())
 
 

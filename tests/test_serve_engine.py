@@ -1,6 +1,7 @@
 """The serving engine against the no-cache reference decoder: KV-cache decoding and MTP speculative decoding
 (1, 3 and 7 draft steps) give the reference's greedy tokens, with chunked prefill, prompts of different
-lengths, a stop token in the middle, more requests than slots, and on a mesh of 8 CPU devices."""
+lengths, a stop token in the middle, more requests than slots, with a paged cache (requests waiting for
+pages), and on meshes of 8 CPU devices with the cache split over the sequence."""
 
 import jax
 import jax.numpy as jnp
@@ -69,12 +70,33 @@ def test_cache_and_speculative_greedy_equal_the_reference(model, prompts, refere
         assert all(sum(c.accepted) + c.steps >= len(c.tokens) - 1 for c in out)
 
 
-def test_greedy_on_a_mesh_equals_the_reference(prompts, reference, k=3):
+# Sequence-sharded caches: every slot's keys split over context (and expert, for one long request: its slots
+# are then not split), heads over tensor, slots over expert. The context 4 case runs the FP8 cache.
+SHARDED = {"context2": ({"context": 2, "tensor": 2, "expert": 2}, ("context",), 3, "none"),
+           "context4-fp8": ({"context": 4, "tensor": 2}, ("context",), 3, "fp8"),
+           "context8": ({"context": 8}, ("context",), 3, "none"),
+           "context8-plain": ({"context": 8}, ("context",), 0, "none"),
+           "context2xexpert2": ({"context": 2, "expert": 2, "tensor": 2}, ("context", "expert"), 3, "none")}
+
+
+@pytest.mark.parametrize("shape,kv_axes,k,quant", SHARDED.values(), ids=SHARDED.keys())
+def test_sequence_sharded_cache_gives_the_unsharded_tokens(model, prompts, reference, shape, kv_axes, k, quant):
+    """On 8 devices with the cache split over the sequence (8 to 32 positions per shard against index_topk 16:
+    one shard may hold a query's whole top-k), speculative greedy decoding (its verification is the target's
+    greedy decoding of k + 1 tokens) and plain decoding give the unsharded engine's tokens: the reference's,
+    or for the FP8 cache (rows quantized as written: the same numbers on any mesh) the unsharded FP8
+    engine's. The cache is split as asked."""
     want, stop = reference
-    mesh = make_mesh({"tensor": 4, "expert": 2})  # a slot per expert-parallel device, heads over tensor
-    model = shard_model(load(), mesh)
-    engine = Engine(model, EngineConfig(num_speculative_tokens=k, **ENGINE), mesh=mesh)
+    config = EngineConfig(num_speculative_tokens=k, kv_seq_axes=kv_axes, kv_quant=quant, **ENGINE)
+    if quant != "none":
+        want = [c.tokens for c in Engine(model, config).generate(requests(prompts, stop))]
+    mesh = make_mesh(shape)
+    engine = Engine(shard_model(load(), mesh), config, mesh=mesh)
     assert [c.tokens for c in engine.generate(requests(prompts, stop))] == want
+    shards = int(np.prod([shape[a] for a in kv_axes]))
+    local = ENGINE["max_len"] // shards  # sequence axes: latent [G, L, B, S, ...] 3, index keys [G, B, S, ...] 2
+    assert all(a.addressable_shards[0].data.shape[3] == local for a in jax.tree.leaves(engine.cache.latent))
+    assert all(a.addressable_shards[0].data.shape[2] == local for a in jax.tree.leaves(engine.cache.index_keys))
 
 
 def test_mtp_drafts_equal_the_multi_step_mtp_of_training(model, prompts):
@@ -109,6 +131,31 @@ def test_requests_that_cannot_fit_are_refused(model):
         engine.check(Request("x", tuple(range(2, 60)), SamplingParams(max_tokens=10), "completion"))
     with pytest.raises(InputError, match="no MTP layer"):
         Engine(glmjax.load_pretrained(GOLDEN / "allfull_nomtp"), EngineConfig(num_speculative_tokens=2))
+    paged = Engine(model, EngineConfig(page_size=8, num_pages=4, **ENGINE))  # 32 tokens in all
+    with pytest.raises(InputError, match="need 5 pages of 8 tokens; the cache holds 4 pages.*can never run"):
+        paged.check(Request("y", tuple(range(2, 30)), SamplingParams(max_tokens=10), "completion"))
+    paged.check(Request("z", tuple(range(2, 24)), SamplingParams(max_tokens=10), "completion"))  # 32: fits
+    with pytest.raises(InputError, match="multiple of page_size"):
+        EngineConfig(slots=2, max_len=60, page_size=8)
+
+
+@pytest.mark.parametrize("k,num_pages,tensor", [(0, None, 1), (3, 9, 2)])
+def test_paged_cache_gives_the_slot_cache_tokens(model, prompts, reference, k, num_pages, tensor):
+    """Pages of 8 tokens through a page table give the reference's (= the slot cache's) tokens, plain and
+    speculative (on a tensor-parallel mesh of 2 devices). With 9 pages, the 54-token request (prompt 40 +
+    14: 7 pages) cannot start next to the others and waits for their pages; every page is back in the pool
+    at the end."""
+    want, stop = reference
+    config = EngineConfig(num_speculative_tokens=k, page_size=8, num_pages=num_pages, **ENGINE)
+    if tensor > 1:
+        mesh = make_mesh({"tensor": tensor}, jax.devices()[:tensor])
+        engine = Engine(shard_model(load(), mesh), config, mesh=mesh)
+    else:
+        engine = Engine(model, config)
+    assert engine.cache.paged and engine.cache.latent[0].shape[2:4] == (num_pages or 2 * 64 // 8, 8)
+    assert [c.tokens for c in engine.generate(requests(prompts, stop))] == want
+    assert engine.pages.free_pages == engine.config.pool_pages and (engine.pages.table == -1).all()
+    assert (engine.stats["waited"] > 0) == (num_pages is not None)
 
 
 def test_cache_rows_past_a_slots_length_are_never_read(model, prompts):

@@ -14,7 +14,9 @@ Attention is two steps, so a KV-cache engine calls the same code as the full for
 On a mesh `attend` runs inside `shard_map` (Pallas kernels are not auto-partitioned): batch over the
 batch axes, query and indexer heads over tensor (the indexer's head-weighted score is then a partial sum,
 reduced before top-k), queries over context. Under context parallelism each shard all-gathers this
-sequence's latent rows and indexer keys (small: 576 + 128 values per token) and attends locally.
+sequence's latent rows and indexer keys (small: 576 + 128 values per token) and attends locally. A serving
+KV cache is instead split over the keys ("kv_seq"): each shard selects and attends among its own keys, and
+the shards' outputs merge by log-sum-exp (`_attend_sharded`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from glmjax.model.options import ModelOptions
 from glmjax.model.rope import apply_rope
 from glmjax.sharding import constrain
 from pallas_kernels.dsa_indexer import indexer_scores_at, indexer_topk
-from pallas_kernels.sparse_mla import attention_probs_at, sparse_mla
+from pallas_kernels.quantize import QuantizedRows
+from pallas_kernels.sparse_mla import attention_probs_at, merge_shards, sparse_mla
 
 
 class SequenceInfo(NamedTuple):
@@ -55,11 +58,21 @@ class SequenceInfo(NamedTuple):
 
 class Keys(NamedTuple):
     """Keys to attend over (a KV cache): latent [B,S,r+p], index_keys [B,S,DI] (None where the layer has no
-    indexer), valid [B,S] bool. Key s is the token with token_index s."""
+    indexer), valid [B,S] bool. Key s is the token with token_index s. latent and index_keys may be
+    QuantizedRows (an FP8 serving cache: pallas_kernels.quantize), which the kernels read as they are.
 
-    latent: jax.Array
-    index_keys: jax.Array | None
+    pages [B, S / page] int32 (a paged cache): latent and index_keys are then pools [1, N, ...] of rows shared
+    by every row b, and key s of row b is pool row pages[b, s // page] * page + s % page."""
+
+    latent: jax.Array | QuantizedRows
+    index_keys: jax.Array | QuantizedRows | None
     valid: jax.Array
+    pages: jax.Array | None = None
+
+    @property
+    def length(self) -> int:
+        """S, the keys per row (the pages' logical positions for a paged cache)."""
+        return self.valid.shape[1]
 
 
 class Projection(NamedTuple):
@@ -220,59 +233,91 @@ class MLAttention(nnx.Module):
         return out, topk, aux._replace(keys=keys)
 
     def _attend_sharded(self, proj: Projection, keys: Keys, info: SequenceInfo, topk, own: bool):
-        """Top-k + sparse attention, inside shard_map on a mesh -> (o_lat [B,T,H,r], topk, aux)."""
+        """Top-k + sparse attention, inside shard_map on a mesh -> (o_lat [B,T,H,r], topk, aux).
+
+        Given keys (a KV cache) may be split over the mesh axes of "kv_seq" (a sequence-sharded cache): each
+        shard then scores and selects among its own keys (the exact global top-k, `sharded_topk`), attends
+        over them, and the partial outputs merge by log-sum-exp. The top-k indices it returns (and takes, on
+        a shared layer) are then each shard's local selection, concatenated over the shards: [B,T,n*K]."""
         mesh = sharding.current_mesh()
         head_axes = sharding.mesh_axes("act_heads", mesh)
         index_head_axes = sharding.mesh_axes("act_index_heads", mesh)
         seq_axes = sharding.mesh_axes("seq", mesh)
+        kv_axes = () if own else sharding.mesh_axes("kv_seq", mesh)
         cp = sharding.mesh_size(seq_axes, mesh)
         if not own and cp > 1:
-            # A KV cache is per sequence; sequence-sharded caches are the serving engine's concern.
-            raise NotImplementedError("attention over a given KV cache with a context axis > 1")
+            raise NotImplementedError("attention over a given KV cache with the queries split over a context "
+                                      "axis: split the cache instead (the serving rules' \"kv_seq\")")
+        if set(kv_axes) & (set(head_axes) | set(index_head_axes)):
+            raise ValueError(f"a KV cache split over {kv_axes} needs the attention heads whole there "
+                             f"(heads over {head_axes}, indexer heads over {index_head_axes})")
+        if kv_axes and self.opts.indexer_loss:
+            raise NotImplementedError("the indexer loss over a sequence-sharded KV cache")
 
         def core(a):
-            kv, ik, kvalid = a["kv"], a["ik"], a["kvalid"]
+            kv, ik, kvalid, tok, start = a["kv"], a["ik"], a["kvalid"], a["tok"], a["start"]
             if own:  # this sequence's rows from every context shard, natural order
                 kv, kvalid = gather_natural(kv, seq_axes, cp), gather_natural(kvalid, seq_axes, cp)
                 ik = None if ik is None else gather_natural(ik, seq_axes, cp)
-            return self._attend_local(a["q"], kv, ik, kvalid, a["iq"], a["iw"], a["tok"], a["start"],
-                                      a.get("topk"), head_axes, index_head_axes)
+            if kv_axes:  # positions relative to this shard's first key
+                offset = jax.lax.axis_index(kv_axes) * kvalid.shape[1]
+                tok, start = tok - offset, start - offset
+            return self._attend_local(a["q"], kv, ik, kvalid, a["iq"], a["iw"], tok, start, a.get("topk"),
+                                      head_axes, index_head_axes, kv_axes, a.get("pages"))
 
         args = dict(q=proj.q, kv=keys.latent, ik=keys.index_keys, kvalid=keys.valid, iq=proj.index_q,
                     iw=proj.index_w, tok=info.token_index, start=info.doc_start)
         if topk is not None:
             args["topk"] = topk
+        if keys.pages is not None:
+            if kv_axes:
+                raise NotImplementedError("a paged KV cache split over the sequence (kv_seq)")
+            args["pages"] = keys.pages
         if mesh is None:
             return core(args)
-        key_seq = "seq" if own else None
+        key_seq = "seq" if own else "kv_seq"
+        topk_axes = ("batch", "seq", None if own else "kv_seq")
         axes = dict(q=("batch", "seq", "act_heads", None), kv=("batch", key_seq, None),
                     ik=("batch", key_seq, None), kvalid=("batch", key_seq),
                     iq=("batch", "seq", "act_index_heads", None), iw=("batch", "seq", "act_index_heads"),
-                    tok=("batch", "seq"), start=("batch", "seq"), topk=("batch", "seq", None))
-        in_specs = {k: (None if v is None else sharding.logical_to_spec(axes[k], v.shape, mesh=mesh,
-                                                                          what=f"attention input {k}"))
+                    tok=("batch", "seq"), start=("batch", "seq"), topk=topk_axes, pages=("batch", None))
+        if keys.pages is not None:  # one pool of rows for every slot: whole on every device of the call
+            axes.update(kv=(None, None, None), ik=(None, None, None))
+        # A quantized cache's parts (values, per-row scale, rope tail) share their leading axes.
+        in_specs = {k: jax.tree.map(lambda a, k=k: sharding.logical_to_spec(axes[k][:a.ndim], a.shape, mesh=mesh,
+                                                                            what=f"attention input {k}"), v)
                     for k, v in args.items()}
         row = sharding.logical_to_spec(("batch", "seq", None), mesh=mesh)
-        out_specs = (sharding.logical_to_spec(("batch", "seq", "act_heads", None), mesh=mesh), row,
-                     AttentionAux(row, row))
+        out_specs = (sharding.logical_to_spec(("batch", "seq", "act_heads", None), mesh=mesh),
+                     sharding.logical_to_spec(topk_axes, mesh=mesh), AttentionAux(row, row))
         # check_vma=False: Pallas interpret mode cannot evaluate kernels on values typed as varying over manual
         # axes. Without the typing, the cotangent of an input replicated over an axis (kv over tensor) is
         # still summed over that axis by shard_map's transpose: the mesh tests check every gradient.
         return jax.shard_map(core, in_specs=(in_specs,), out_specs=out_specs, check_vma=False)(args)
 
-    def _attend_local(self, q, kv, ik, kvalid, iq, iw, tok, start, topk, head_axes, index_head_axes):
-        """One shard's attention: its queries against all keys. Head-split partial sums are reduced over
-        the given mesh axes (inside shard_map; empty tuples outside)."""
+    def _attend_local(self, q, kv, ik, kvalid, iq, iw, tok, start, topk, head_axes, index_head_axes,
+                      kv_axes=(), pages=None):
+        """One shard's attention: its queries against its keys (all of them, or its share of a cache split
+        over kv_axes; pages: a paged cache's page table, Keys). Head-split partial sums are reduced over the
+        given mesh axes (inside shard_map; empty tuples outside). The top-k indices are logical key
+        positions; a paged cache maps them to pool rows for the attention kernel."""
         cfg, opts = self.cfg, self.opts
         common = dict(q_block=opts.q_block, impl=opts.attention_impl, interpret=opts.interpret)
+        page = None if pages is None else kvalid.shape[1] // pages.shape[1]
+        if iq is not None and pages is not None:  # the indexer scores every key: in logical order
+            ik = jax.tree.map(lambda pool: _paged_view(pool, pages, page), ik)
         if iq is not None:
             psum_scores = (lambda s: jax.lax.psum(s, index_head_axes)) if index_head_axes else None
+            ik, ik_scale = (ik.values, ik.scale) if isinstance(ik, QuantizedRows) else (ik, None)
             topk = indexer_topk(
-                jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik), jax.lax.stop_gradient(iw),
+                jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik), jax.lax.stop_gradient(iw), k_scale=ik_scale,
                 key_valid=kvalid, query_index=tok, query_start=start,
-                topk=kv.shape[1] if opts.dense_attention else cfg.index_topk,
-                scale=cfg.index_head_dim**-0.5, reduce_scores=psum_scores, **common)
-        o_lat, lse = sparse_mla(q, kv, topk, scale=self.scale, v_dim=cfg.kv_lora_rank, **common)
+                topk=kvalid.shape[1] if opts.dense_attention else cfg.index_topk,
+                scale=cfg.index_head_dim**-0.5, reduce_scores=psum_scores, key_shards=kv_axes, **common)
+        rows = topk if pages is None else _pool_rows(topk, pages, page)
+        o_lat, lse = sparse_mla(q, kv, rows, scale=self.scale, v_dim=cfg.kv_lora_rank, **common)
+        if kv_axes:
+            o_lat, lse = merge_shards(o_lat, lse, kv_axes)
         probs = logits = None
         if opts.indexer_loss:
             probs = attention_probs_at(q, kv, topk, lse, scale=self.scale, q_block=opts.q_block)
@@ -284,3 +329,18 @@ class MLAttention(nnx.Module):
                     logits = jax.lax.psum(logits, index_head_axes)
                 logits = jnp.where(topk >= 0, logits, -jnp.inf)
         return o_lat, topk, AttentionAux(probs, logits)
+
+
+def _pool_rows(indices: jax.Array, pages: jax.Array, page: int) -> jax.Array:
+    """Logical key positions [B,T,K] (-1 = empty) -> rows of a paged pool: pages[b, s // page] * page + s % page."""
+    safe = jnp.maximum(indices, 0)
+    page_ids = jax.vmap(lambda table, i: table[i])(pages, safe // page)
+    return jnp.where(indices >= 0, page_ids * page + safe % page, -1)
+
+
+def _paged_view(pool: jax.Array, pages: jax.Array, page: int) -> jax.Array:
+    """A pool of rows [1, N, D] and page tables [B, M] -> every row's keys in logical order [B, M * page, D]
+    (unallocated pages, -1, read page 0: their positions are never valid keys)."""
+    B, M = pages.shape
+    rows = jnp.maximum(pages, 0)[:, :, None] * page + jnp.arange(page, dtype=pages.dtype)
+    return pool[0][rows.reshape(B, M * page)]

@@ -34,8 +34,8 @@ from glmjax.errors import ConfigError
 from glmjax.model.options import ModelOptions
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.serve import steps
-from glmjax.serve.engine import SERVE_RULES, jit_program, slot_shardings
-from glmjax.serve.kv_cache import cache_shapes
+from glmjax.serve.engine import SERVE_RULES, index_key_dtype, jit_program, slot_shardings
+from glmjax.serve.kv_cache import Quant, cache_shapes
 from glmjax.serve.sampling import SamplingArrays
 from glmjax.sharding import (
     logical_rules,
@@ -58,7 +58,9 @@ class ServeCompileReport:
     program: "speculative" (k >= 1), "decode" (k = 0) or "prefill" (one chunk of one request); slot_split:
     devices the slots are split over (the mesh's batch axes); tokens: target-forward tokens per call (slots x
     (k + 1), or the prefill chunk). Byte counts are per chip: weights (bf16 parameters as placed by the
-    rules), cache ([G, L, slots / slot_split, max_len, 640] latents, indexer keys, the MTP layer's), state
+    rules), cache ([G, L, slots / slot_split, max_len / seq_split, 640] latents, indexer keys, the MTP
+    layer's; seq_split: devices every slot's sequence is split over, the rules' "kv_seq" axes; kv_quant
+    "fp8": the FP8 layout of glmjax.serve.kv_cache), state
     (SlotState), temporaries (the compiler's temp_size), outputs (those that alias no donated input: the
     tokens); aliased_bytes: the donated input bytes the outputs reuse (>= cache + state when the donation
     took). total_bytes is what the chip holds at the step's peak: weights + cache + state + temporaries +
@@ -72,7 +74,9 @@ class ServeCompileReport:
     mesh: tuple[tuple[str, int], ...]
     slots: int
     slot_split: int
+    seq_split: int
     max_len: int
+    kv_quant: str
     k: int
     tokens: int
     hbm_bytes: float | None
@@ -95,16 +99,17 @@ class ServeCompileReport:
         what = {"speculative": f"verify {self.k} drafts + draft {self.k}", "decode": "one token",
                 "prefill": f"one {self.tokens}-token chunk"}[self.program]
         rows = [("weights (bf16)", self.weight_bytes),
-                (f"KV cache ({self.slots // self.slot_split} of {self.slots} slots x {self.max_len:,} tokens)",
+                (f"KV cache, {'fp8' if self.kv_quant == 'fp8' else 'bf16'} ({self.slots // self.slot_split} of "
+                 f"{self.slots} slots x {self.max_len // self.seq_split:,} of {self.max_len:,} tokens)",
                  self.cache_bytes),
                 ("slot state", self.state_bytes), ("temporaries", self.temp_bytes),
                 ("outputs (tokens)", self.output_bytes), ("total per chip", self.total_bytes)]
         lines = [f"{self.topology}: {self.chips} chips ({self.device_kind}), mesh {mesh}; "
                  f"{self.program} step ({what})"]
-        lines += [f"  {k:<56s} {v / GiB:9.2f} GiB" for k, v in rows]
+        lines += [f"  {k:<62s} {v / GiB:9.2f} GiB" for k, v in rows]
         if self.hbm_bytes:
             free = 1 - self.total_bytes / self.hbm_bytes
-            lines.append(f"  {'HBM per chip':<56s} {self.hbm_bytes / GiB:9.2f} GiB  ({100 * free:.1f}% headroom)")
+            lines.append(f"  {'HBM per chip':<62s} {self.hbm_bytes / GiB:9.2f} GiB  ({100 * free:.1f}% headroom)")
         donated = self.cache_bytes + self.state_bytes
         lines.append(f"  cache and state updated in place: {'yes' if self.aliased_bytes >= donated else 'NO'} "
                      f"({self.aliased_bytes / GiB:.2f} of {donated / GiB:.2f} GiB aliased)")
@@ -126,7 +131,7 @@ def serve_options(dtype=jnp.bfloat16, scan_layers: bool = False) -> ModelOptions
 def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mapping[str, int], *, slots: int,
                        max_len: int, k: int, dtype=jnp.bfloat16, program: Program = "speculative",
                        prefill_chunk: int = 4096, rules: Mapping[str, tuple[str, ...]] = SERVE_RULES,
-                       scan_layers: bool = False) -> ServeCompileReport:
+                       scan_layers: bool = False, kv_quant: Quant = "none") -> ServeCompileReport:
     """Compiles one serving step of `config` for every chip of `topology` (e.g. "v5p:4x4x4") under a mesh of
     `mesh_shape` (e.g. {"tensor": 4, "expert": 16}; its sizes must multiply to the topology's chips).
 
@@ -134,9 +139,11 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
     greedy MTP drafts (k = 0: plain decoding, steps.decode); "prefill": one prefill_chunk-token chunk of one
     request (steps.prefill, with the MTP rows and k drafts when k >= 1). The cache is [.., slots, max_len, 640]
     bf16 (the TPU kernels' lane-padded width) plus the MTP layer's when k >= 1. rules: the logical-axis rules
-    the weights are placed and the program traced by (the engine's SERVE_RULES by default; DEFAULT_RULES
-    would FSDP-split the non-expert weights over expert and all-gather them every step). scan_layers: see
-    ModelOptions (the engine serves unscanned layers). -> ServeCompileReport."""
+    the weights are placed and the program traced by (the engine's SERVE_RULES by default, the cache split
+    over context; engine.serve_rules(("context", "expert")) splits it over expert too; DEFAULT_RULES would
+    FSDP-split the non-expert weights over expert and all-gather them every step). scan_layers: see
+    ModelOptions (the engine serves unscanned layers). kv_quant "fp8": the FP8 cache (int8 indexer keys for the
+    TPU kernels; glmjax.serve.kv_cache). -> ServeCompileReport."""
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
@@ -147,22 +154,26 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
         raise ConfigError(f"k: must be >= 0, got {k}")
     mesh = make_mesh(mesh_shape, devices)
     with logical_rules(rules):
-        batch_axes = mesh_axes("batch", mesh)
-    split = mesh_size(batch_axes, mesh)
+        batch_axes, seq_axes = mesh_axes("batch", mesh), mesh_axes("kv_seq", mesh)
+    split, seq_split = mesh_size(batch_axes, mesh), mesh_size(seq_axes, mesh)
     if slots % split:
         raise ConfigError(f"slots: {slots} slots do not split over the mesh's batch axes {list(batch_axes)} "
                           f"({split} devices); use a multiple of {split}")
+    if max_len % seq_split:
+        raise ConfigError(f"max_len: {max_len} positions do not split over the cache's sequence axes "
+                          f"{list(seq_axes)} ({seq_split} devices)")
 
+    options = serve_options(dtype, scan_layers)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        model = nnx.eval_shape(lambda: GlmMoeDsa(config, serve_options(dtype, scan_layers), rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: GlmMoeDsa(config, options, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model)
     params_sd = with_shardings(params, param_shardings(model, mesh, rules))
 
     cache = cache_shapes(config, slots, max_len, mtp=bool(k), dtype=dtype, lane_padded=True,
-                         scan_layers=scan_layers)
+                         scan_layers=scan_layers, quant=kv_quant, key_dtype=index_key_dtype(options))
     state = jax.eval_shape(lambda: steps.init_state(slots, k, config.vocab_size, False))
     with logical_rules(rules):
-        cache_sh, state_sh = slot_shardings(cache, state, mesh)
+        cache_sh, state_sh = slot_shardings(cache, state, mesh, rules)
     cache_sd, state_sd = with_shardings(cache, cache_sh), with_shardings(state, state_sh)
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -194,7 +205,8 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
     return ServeCompileReport(
         program=name, topology=topology, chips=len(devices), device_kind=kind,
         mesh=tuple((a, int(s)) for a, s in mesh.shape.items() if s > 1), slots=slots, slot_split=split,
-        max_len=max_len, k=k, tokens=tokens, hbm_bytes=None if hbm is None else hbm * GiB,
+        seq_split=seq_split, max_len=max_len, kv_quant=kv_quant, k=k, tokens=tokens,
+        hbm_bytes=None if hbm is None else hbm * GiB,
         weight_bytes=shard_bytes(params_sd), cache_bytes=shard_bytes(cache_sd), state_bytes=shard_bytes(state_sd),
         temp_bytes=int(ma.temp_size_in_bytes), aliased_bytes=int(ma.alias_size_in_bytes),
         output_bytes=max(0, int(ma.output_size_in_bytes - ma.alias_size_in_bytes)), flops=flops,

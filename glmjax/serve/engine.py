@@ -25,13 +25,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glmjax.errors import InputError
+from glmjax.model.options import ModelOptions
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.serve import steps
-from glmjax.serve.kv_cache import KVCache, init_cache
+from glmjax.serve.kv_cache import KVCache, Quant, init_cache
+from glmjax.serve.paging import PageAllocator
 from glmjax.serve.requests import Request, fold_seed
 from glmjax.serve.sampling import sampling_arrays
 from glmjax.serve.text import StopChecker, TextCodec
 from glmjax.sharding import DEFAULT_RULES, logical_rules, logical_to_spec, mesh_axes, mesh_size, shard_model
+from pallas_kernels.common import kernel_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +43,17 @@ class EngineConfig:
     completion tokens per request; prefill_chunk: prompt tokens per prefill call; num_speculative_tokens: MTP
     draft steps per verification (0: plain decoding); draft_sampling: "greedy" drafts (q one-hot) or drafts
     sampled from the MTP layer's distribution under the request's sampling parameters (both lossless);
-    cache_dtype: None = the model's activation dtype; seed: base of the seeds of requests without one."""
+    cache_dtype: None = the model's activation dtype; seed: base of the seeds of requests without one.
+
+    The cache (glmjax.serve.kv_cache):
+    - kv_seq_axes: the mesh axes every slot's cache is split over along the sequence (on a mesh; see
+      serve_rules): each device holds max_len / (their size) positions of its slots.
+    - page_size: a paged cache of num_pages pages of page_size tokens (default slots x max_len / page_size),
+      handed to requests as they are admitted (each reserves prompt + max_tokens positions;
+      glmjax.serve.paging) instead of a max_len slot each.
+    - kv_quant "fp8": latent rows in float8_e4m3fn with per-row scales (their rope dims in cache_dtype) and
+      indexer keys 8-bit with per-token scales (float8_e4m3fn for the GPU kernels, int8 otherwise:
+      index_key_dtype)."""
 
     slots: int = 8
     max_len: int = 2048
@@ -49,6 +62,17 @@ class EngineConfig:
     draft_sampling: Literal["greedy", "sample"] = "greedy"
     cache_dtype: str | None = None
     seed: int = 0
+    kv_seq_axes: tuple[str, ...] = ("context",)
+    kv_quant: Quant = "none"
+    page_size: int | None = None
+    num_pages: int | None = None
+
+    @property
+    def pool_pages(self) -> int | None:
+        """Pages of a paged cache (num_pages; default as many as slots x max_len)."""
+        if self.page_size is None:
+            return None
+        return self.num_pages or self.slots * self.max_len // self.page_size
 
     def __post_init__(self):
         for name in ("slots", "max_len", "prefill_chunk"):
@@ -58,6 +82,16 @@ class EngineConfig:
             raise InputError(f"num_speculative_tokens: must be >= 0, got {self.num_speculative_tokens}")
         if self.draft_sampling not in ("greedy", "sample"):
             raise InputError(f"draft_sampling: {self.draft_sampling!r} is not 'greedy' or 'sample'")
+        if self.kv_quant not in ("none", "fp8"):
+            raise InputError(f"kv_quant: {self.kv_quant!r} is not 'none' or 'fp8'")
+        if self.page_size is not None and (self.page_size < 1 or self.max_len % self.page_size):
+            raise InputError(f"page_size: max_len {self.max_len} must be a multiple of page_size {self.page_size}")
+        if self.num_pages is not None and (self.page_size is None or self.num_pages < 1):
+            raise InputError("num_pages: needs page_size (a paged cache) and must be >= 1")
+        allowed = ("data", "fsdp", "context", "expert")  # tensor splits the heads that share each row
+        bad = [a for a in self.kv_seq_axes if a not in allowed]
+        if bad or len(set(self.kv_seq_axes)) != len(self.kv_seq_axes):
+            raise InputError(f"kv_seq_axes: {list(self.kv_seq_axes)} must be distinct mesh axes among {allowed}")
 
 
 @dataclasses.dataclass
@@ -102,34 +136,62 @@ class _Live:
 
 # Serving places weights without FSDP over the expert axis: training's FSDP layout would all-gather every
 # non-expert weight on every decode step (8.25 GiB per chip per GLM-5.2 step on a tensor 4 x expert 16
-# mesh); held whole over expert they cost 8 GiB more per chip and the step gathers only activations.
-SERVE_RULES = {**DEFAULT_RULES, "embed": ("fsdp", "context"), "mtp_in": ("fsdp", "context")}
+# mesh); held whole over expert they cost 8 GiB more per chip and the step gathers only activations. The
+# same holds over context: its devices split the KV cache, not the weights.
+def serve_rules(kv_seq_axes: tuple[str, ...] = ("context",)) -> dict[str, tuple[str, ...]]:
+    """The serving engine's logical rules. The new tokens of a step are not split over the sequence (a decode
+    step has one per slot); the cache's sequence axis ("kv_seq") is split over `kv_seq_axes` (a
+    sequence-sharded cache: every slot's keys in contiguous shards), and the slots over the batch axes left
+    (data, fsdp, expert). For one long request on a context x expert x tensor mesh, ("context", "expert")
+    gives every device of a tensor group its own share of the sequence."""
+    batch = tuple(a for a in DEFAULT_RULES["batch"] if a not in kv_seq_axes)
+    return {**DEFAULT_RULES, "batch": batch, "seq": (), "res_seq": ("tensor",), "kv_seq": tuple(kv_seq_axes),
+            "embed": ("fsdp",), "mtp_in": ("fsdp",)}
 
 
-def slot_shardings(cache: KVCache, state: steps.SlotState, mesh: Mesh) -> tuple[KVCache, steps.SlotState]:
+SERVE_RULES = serve_rules()
+
+
+def slot_shardings(cache: KVCache, state: steps.SlotState, mesh: Mesh, rules=SERVE_RULES
+                   ) -> tuple[KVCache, steps.SlotState]:
     """The engine's placement of cache and slot state (NamedShardings; works on arrays and ShapeDtypeStructs):
-    every array's slot axis split over the mesh's batch axes (outside the MoE the expert axis is data-parallel,
-    so each expert-parallel group attends for its own slots), the rest replicated: MLA's one latent row serves
-    every head, so splitting heads over tensor would not split the cache (sequence sharding comes with
-    1M-context serving). Slot axes: latent [G, L, B, S, W] 2, index_keys [G, B, S, DI] 1, the MTP cache
-    [B, S, ...] and every SlotState field [B, ...] 0."""
-    batch = logical_to_spec(("batch",), mesh=mesh)[0]
+    every array's slot axis split over the rules' batch axes (outside the MoE the expert axis is
+    data-parallel, so each expert-parallel group attends for its own slots), the cache's sequence axis over
+    their "kv_seq" axes, the rest replicated: MLA's one latent row serves every head, so splitting heads over
+    tensor would not split the cache. Slot and sequence axes: latent [G, L, B, S, W] 2 and 3, index_keys
+    [G, B, S, DI] 1 and 2, the MTP cache [B, S, ...] 0 and 1, every SlotState field [B, ...] 0."""
+    batch = logical_to_spec(("batch",), mesh=mesh, rules=rules)[0]
+    seq = logical_to_spec(("kv_seq",), mesh=mesh, rules=rules)[0]
 
-    def on(slot_axis: int):
+    def on(slot_axis: int, seq_axis: int | None = None):
         def sharding(a) -> NamedSharding:
             axes = [None] * len(a.shape)
             axes[slot_axis] = batch
+            if seq_axis is not None:
+                axes[seq_axis] = seq
             return NamedSharding(mesh, PartitionSpec(*axes))
         return sharding
 
-    cache_sh = KVCache(tuple(map(on(2), cache.latent)), tuple(map(on(1), cache.index_keys)),
-                       None if cache.mtp_latent is None else on(0)(cache.mtp_latent),
-                       None if cache.mtp_index_keys is None else on(0)(cache.mtp_index_keys))
+    # (tree maps: a quantized buffer's parts share their leading axes)
+    cache_sh = KVCache(tuple(jax.tree.map(on(2, 3), x) for x in cache.latent),
+                       tuple(jax.tree.map(on(1, 2), x) for x in cache.index_keys),
+                       jax.tree.map(on(0, 1), cache.mtp_latent), jax.tree.map(on(0, 1), cache.mtp_index_keys),
+                       jax.tree.map(on(0), cache.pages))
     return cache_sh, jax.tree.map(on(0), state)
 
 
+def index_key_dtype(options: ModelOptions):
+    """The 8-bit dtype of quantized indexer keys: float8_e4m3fn for the GPU scores kernel (its FP8 tensor-core
+    path), int8 for the TPU kernel and the reference. int8 is the more accurate of the two for LayerNormed
+    keys (a uniform step of amax / 127 against e4m3's 3-bit mantissa): on the demo model its logit KL against
+    the bf16 cache is 4x lower (benchmarks/kv_fp8_error.py)."""
+    if options.attention_impl != "reference" and kernel_family(options.attention_impl, options.interpret) == "gpu":
+        return jnp.float8_e4m3fn
+    return jnp.int8
+
+
 class Engine:
-    """Generation over a model; with `mesh`, the engine places the model (SERVE_RULES), cache and slot state on
+    """Generation over a model; with `mesh`, the engine places the model (serve_rules), cache and slot state on
     it.
 
     run(requests) yields a Completion per request as it finishes (not in request order). Prompts must fit:
@@ -143,13 +205,20 @@ class Engine:
             raise InputError("num_speculative_tokens: the checkpoint has no MTP layer to draft with")
         self.model, self.config, self.mesh, self.codec = model, config, mesh, codec
         self.k = k
+        self.rules = serve_rules(config.kv_seq_axes)
         self.sampled_drafts = bool(k) and config.draft_sampling == "sample"
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
         self.eos_ids = frozenset(e for e in eos if e is not None)
         dtype = jnp.dtype(config.cache_dtype) if config.cache_dtype else model.options.dtype
         lane_padded = model.options.attention_impl == "pallas_tpu"
         self.cache = init_cache(cfg, config.slots, config.max_len, mtp=bool(k), dtype=dtype,
-                                lane_padded=lane_padded, scan_layers=model.options.scan_layers)
+                                lane_padded=lane_padded, scan_layers=model.options.scan_layers,
+                                quant=config.kv_quant, key_dtype=index_key_dtype(model.options),
+                                page_size=config.page_size, num_pages=config.pool_pages)
+        self.pages = None
+        if config.page_size is not None:
+            self.pages = PageAllocator(config.pool_pages, config.page_size, config.slots,
+                                       config.max_len // config.page_size)
         self.state = steps.init_state(config.slots, k, cfg.vocab_size, self.sampled_drafts)
         if mesh is not None:
             self._place_on(mesh)
@@ -161,17 +230,28 @@ class Engine:
         self.params, self.params_tree = jax.tree.flatten(params)
         self._programs: dict = {}
         self._served = 0
-        self.stats = dict(prefill_s=0.0, step_s=0.0, steps=0)
+        # waited: admissions deferred because a request's cache pages were not free (a paged cache)
+        self.stats = dict(prefill_s=0.0, step_s=0.0, steps=0, waited=0)
 
     def _place_on(self, mesh: Mesh) -> None:
-        n = mesh_size(mesh_axes("batch", mesh), mesh)
-        if self.config.slots % n:
-            raise InputError(f"slots: {self.config.slots} slots do not split over the mesh's batch axes "
-                             f"{list(mesh_axes('batch', mesh))} ({n} devices); use a multiple of {n}")
-        with logical_rules(SERVE_RULES):
-            shard_model(self.model, mesh, SERVE_RULES)
+        with logical_rules(self.rules):
+            n = mesh_size(mesh_axes("batch", mesh), mesh)
+            if self.config.slots % n:
+                raise InputError(f"slots: {self.config.slots} slots do not split over the mesh's batch axes "
+                                 f"{list(mesh_axes('batch', mesh))} ({n} devices); use a multiple of {n}")
+            if self.pages is not None and (n > 1 or mesh_size(mesh_axes("kv_seq", mesh), mesh) > 1):
+                raise InputError("page_size: a paged cache is one pool of pages for every slot, so it is not split "
+                                 f"over the mesh's batch axes {list(mesh_axes('batch', mesh))} or its sequence "
+                                 f"axes {list(mesh_axes('kv_seq', mesh))} yet: use a tensor-parallel mesh or "
+                                 "the slot cache")
+            m = mesh_size(mesh_axes("kv_seq", mesh), mesh)
+            if self.config.max_len % m:
+                raise InputError(f"max_len: {self.config.max_len} positions do not split over the cache's "
+                                 f"sequence axes {list(mesh_axes('kv_seq', mesh))} ({m} devices); use a "
+                                 f"multiple of {m}")
+            shard_model(self.model, mesh, self.rules)
             self.cache, self.state = jax.device_put((self.cache, self.state),
-                                                    slot_shardings(self.cache, self.state, mesh))
+                                                    slot_shardings(self.cache, self.state, mesh, self.rules))
 
     # ------------------------------------------------------------------------------------------ programs
 
@@ -180,7 +260,8 @@ class Engine:
         if mine not in self._programs:
             # Engines over models of one config and options share programs (and so compilations); the
             # graphdef itself is not hashable (the config holds dicts).
-            key = (repr(self.model.config), self.model.options, mine)
+            # The rules are read at trace time, so they are part of the key.
+            key = (repr(self.model.config), self.model.options, tuple(sorted(self.rules.items())), mine)
             if key not in _PROGRAMS:
                 _PROGRAMS[key] = jit_program(self.graphdef, self.params_tree, name, dict(static))
             self._programs[mine] = _PROGRAMS[key]
@@ -192,7 +273,7 @@ class Engine:
                 scope.enter_context(jax.set_mesh(self.mesh))
                 # One request: a prefill chunk's batch of 1 is not split (every device of its slot group
                 # computes it).
-                scope.enter_context(logical_rules({**SERVE_RULES, "batch": ()} if name == "prefill" else SERVE_RULES))
+                scope.enter_context(logical_rules({**self.rules, "batch": ()} if name == "prefill" else self.rules))
             out = self._program(name, **static)(self.params, self.cache, self.state, *args)
         self.cache, self.state = out[0], out[1]
         return out[2:]
@@ -212,6 +293,8 @@ class Engine:
         if n + m > self.config.max_len:
             raise InputError(f"request {request.id}: prompt ({n} tokens) + max_tokens ({m}) exceeds the engine's "
                              f"max_len {self.config.max_len}")
+        if self.pages is not None:
+            self.pages.check(request.id, self._budget(request))
 
     def _prefill(self, slot: int, request: Request) -> int:
         """Prefills `request` into `slot` chunk by chunk -> its first token."""
@@ -237,25 +320,35 @@ class Engine:
     def run(self, requests: Iterable[Request]) -> Iterator[Completion]:
         waiting = iter(requests)
         slots: list[_Live | None] = [None] * self.config.slots
+        held: Request | None = None  # the next request, waiting for cache pages (a paged cache)
         exhausted = False
         while True:
             for b in range(len(slots)):
                 while slots[b] is None and not exhausted:
-                    request = next(waiting, None)
+                    request, held = held or next(waiting, None), None
                     if request is None:
                         exhausted = True
                         break
                     self.check(request)
+                    if not self._reserve(b, request):
+                        held = request  # first come, first served: nothing overtakes it
+                        self.stats["waited"] += 1
+                        break
                     t0 = time.perf_counter()
                     live = _Live(request, StopChecker(request.params, self.codec, self.eos_ids), t0)
                     first = self._prefill(b, request)
                     self.stats["prefill_s"] += time.perf_counter() - t0
                     if live.add([first]):
+                        self._free(b)
                         yield live.done()
                     else:
                         slots[b] = live
+                if held is not None:
+                    break
             if all(s is None for s in slots):
-                return
+                if held is None:
+                    return
+                continue  # every page is free now: the held request fits (check() saw to it)
             active = np.array([s is not None for s in slots])
             t0 = time.perf_counter()
             if self.k:
@@ -266,6 +359,7 @@ class Engine:
             tokens, accepted = np.asarray(tokens), np.asarray(accepted)
             self.stats["step_s"] += time.perf_counter() - t0
             self.stats["steps"] += 1
+            finished = []
             for b, live in enumerate(slots):
                 if live is None:
                     continue
@@ -274,7 +368,34 @@ class Engine:
                     live.accepted.append(int(accepted[b]))
                 if live.add([int(t) for t in tokens[b, :int(accepted[b]) + 1]]):
                     slots[b] = None
-                    yield live.done()
+                    finished.append(live)
+                    self._free(b)
+            yield from (live.done() for live in finished)
+
+    # ------------------------------------------------------------------------------------------ pages
+
+    def _budget(self, request: Request) -> int:
+        """Positions a request may write: its prompt and every token it may generate."""
+        return len(request.prompt_ids) + request.params.max_tokens
+
+    def _reserve(self, slot: int, request: Request) -> bool:
+        """Gives `slot` the pages of `request` (a paged cache) -> False when they are not free now."""
+        if self.pages is None:
+            return True
+        if not self.pages.fits(self._budget(request)):
+            return False
+        self.pages.assign(slot, self._budget(request))
+        self._sync_pages()
+        return True
+
+    def _free(self, slot: int) -> None:
+        if self.pages is not None:
+            self.pages.release(slot)
+            self._sync_pages()
+
+    def _sync_pages(self) -> None:
+        """The host page table onto the device, where the cache's table lives (placed as it was)."""
+        self.cache = self.cache._replace(pages=jax.device_put(self.pages.table, self.cache.pages.sharding))
 
     def generate(self, requests: Iterable[Request]) -> list[Completion]:
         """All completions, in request order."""

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glmjax.model.attention import Keys, SequenceInfo
+from glmjax.model.attention import SequenceInfo
 from glmjax.model.decoder import unstack
 from glmjax.model.mtp import MTPStep
 from glmjax.model.transformer import GlmMoeDsa
-from glmjax.serve.kv_cache import KVCache, LayerWriter, Rows
+from glmjax.serve.kv_cache import KVCache, LayerWriter, Rows, read_keys
 from glmjax.sharding import constrain, residual
 
 
@@ -39,6 +39,7 @@ def target_forward(model: GlmMoeDsa, cache: KVCache, tokens: jax.Array, rows: Ro
     """tokens [B,T] int32 at cache positions rows.start + t -> (cache with their rows written, final-normed
     hidden states [B,T,D]). Each token attends over its slot's keys up to itself."""
     B, T = tokens.shape
+    rows = rows.on(cache)
     info = query_info(model, rows, T)
     width = attention_width(model, cache)
     x = residual(model.embed_tokens(constrain(tokens, ("batch", "seq"))))
@@ -77,6 +78,7 @@ def mtp_forward(model: GlmMoeDsa, cache: KVCache, next_tokens: jax.Array, hidden
     ([B,T,D], final-normed) and token j + 1 (next_tokens [B,T]); its latent row and indexer key go into the
     MTP cache. -> (cache, MTPStep: `normed` row j gives the logits of token j + 2)."""
     T = next_tokens.shape[1]
+    rows = rows.on(cache)
     info = query_info(model, rows, T)
     writer = LayerWriter(cache.mtp_latent, cache.mtp_index_keys, (), (), rows, attention_width(model, cache))
     step = model.mtp[0](model.embed_tokens(next_tokens), hidden, info, update=writer)
@@ -90,10 +92,7 @@ def mtp_draft_step(model: GlmMoeDsa, cache: KVCache, token: jax.Array, h: jax.Ar
     length [B]: MTP cache rows (the first step's rows, KVShare: keys come only from target hidden states).
     The query sits at the last row (length - 1), rope position length - 1 + s, as in training. slots: the
     cache slots of the rows (None: all, in order)."""
-    rows = Rows(slots, length - 1, jnp.ones_like(length))
+    rows = Rows(slots, length - 1, jnp.ones_like(length)).on(cache)
     info = query_info(model, rows, 1, rope_offset=step)
-    width = attention_width(model, cache)
-    lat = rows.take(cache.mtp_latent)
-    keys = Keys(lat[..., :width] if lat.shape[-1] != width else lat, None,
-                jnp.arange(lat.shape[1], dtype=jnp.int32)[None, :] < length[:, None])
+    keys = read_keys(cache.mtp_latent, None, rows, attention_width(model, cache))  # keys s < length
     return model.mtp[0](model.embed_tokens(token), h, info, topk=topk, keys=keys)

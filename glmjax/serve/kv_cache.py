@@ -1,6 +1,7 @@
 """The serving KV cache: per layer the MLA latent rows, and indexer keys on the layers that run the indexer.
 
-Layout (one slot per sequence, a fixed maximum length S per slot; paging comes with 1M-context serving):
+Slot layout (one slot per sequence, a fixed maximum length S per slot; a mesh may split S: the engine's
+"kv_seq" axes):
 - `latent[i]` [G, L, B, S, W] for the model's i-th segment of G IndexShare groups of L layers (G = 1 for
   every segment when the layers are not scanned, ModelOptions.scan_layers): the
   normed kv latent then the roped shared key (r + p values) per token, zero-padded to W. W = r + p, or on TPU
@@ -14,11 +15,28 @@ Layout (one slot per sequence, a fixed maximum length S per slot; paging comes w
 A call writes rows at positions start[b] + t of the slots it serves and attends over keys s < start[b] +
 count[b]. Nothing is ever cleared: a slot's rows past its length are stale and are overwritten before they
 become valid, so rolling back (rejected drafts) or reusing a slot only changes lengths.
+
+Paged (`page_size`): every buffer is instead a pool of pages shared by the slots, `latent[i]` [G, L, P, page,
+W], `index_keys[i]` [G, P, page, DI], the MTP layer's [P, page, ...], and `pages` [B, S / page] int32 is the
+page table: position s of slot b lives at row s % page of page pages[b, s // page] (-1: no page; writes
+there are dropped and reads are never valid keys). Memory then follows the requests in flight, not B x S:
+the engine hands pages out as requests arrive and takes them back as they finish (glmjax.serve.paging).
+Attention reads the pool through the table: the indexer scores each row's keys in logical order, and the
+sparse MLA kernel gathers its selected rows from the pool by their page-table rows.
+
+FP8 KV (`quant="fp8"`): every latent buffer is `QuantizedRows` (pallas_kernels.quantize): the r latent values
+in float8_e4m3fn with one float32 scale per row, the p rope values in `dtype` (the parts are separate
+arrays); every indexer-key buffer is QuantizedRows of int8 (the reference) or float8_e4m3fn (the GPU
+kernels) keys with per-token scales. Rows are quantized as they are written; the kernels read only the
+selected rows and dequantize them. The TPU layout (lane_padded) keeps every array lane-dense and 32-bit
+tiled, so that writing a row never relayouts a buffer: the fp8 values packed four to a uint32 [.., r / 4],
+the rope tail padded to W - r = 128, and the indexer keys left in `dtype` (8-bit rows would be copied
+whole on every write; they are 5% of the cache).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,23 +44,36 @@ import jax.numpy as jnp
 from glmjax.config import GlmMoeDsaConfig
 from glmjax.model.attention import Keys, Projection
 from glmjax.model.decoder import plan_segments
+from pallas_kernels.quantize import FP8, QuantizedRows, quantize_rows, take_rows
+
+Quant = Literal["none", "fp8"]
 
 
 class KVCache(NamedTuple):
-    """See the module docstring. A pytree of arrays; every array's slot axis has the same size B."""
+    """See the module docstring. A pytree of arrays; every array's slot axis has the same size B (the pools of a
+    paged cache have a page axis instead, and `pages` [B, S / page] is their table)."""
 
-    latent: tuple[jax.Array, ...]
-    index_keys: tuple[jax.Array, ...]
-    mtp_latent: jax.Array | None
-    mtp_index_keys: jax.Array | None
+    latent: tuple[jax.Array | QuantizedRows, ...]
+    index_keys: tuple[jax.Array | QuantizedRows, ...]
+    mtp_latent: jax.Array | QuantizedRows | None
+    mtp_index_keys: jax.Array | QuantizedRows | None
+    pages: jax.Array | None = None
+
+    @property
+    def paged(self) -> bool:
+        return self.pages is not None
 
     @property
     def slots(self) -> int:
-        return self.latent[0].shape[2]
+        return self.pages.shape[0] if self.paged else self.latent[0].shape[2]
+
+    @property
+    def page_size(self) -> int | None:
+        return self.latent[0].shape[3] if self.paged else None
 
     @property
     def max_len(self) -> int:
-        return self.latent[0].shape[3]
+        return self.pages.shape[1] * self.page_size if self.paged else self.latent[0].shape[3]
 
     @property
     def width(self) -> int:
@@ -56,47 +87,85 @@ def latent_width(cfg: GlmMoeDsaConfig, lane_padded: bool) -> int:
 
 
 def cache_shapes(cfg: GlmMoeDsaConfig, slots: int, max_len: int, *, mtp: bool, dtype=jnp.bfloat16,
-                 lane_padded: bool = False, scan_layers: bool = True) -> KVCache:
+                 lane_padded: bool = False, scan_layers: bool = True, quant: Quant = "none",
+                 key_dtype=jnp.int8, page_size: int | None = None, num_pages: int | None = None) -> KVCache:
     """The cache as jax.ShapeDtypeStructs (for sizing and ahead-of-time compiles); one buffer per segment of
-    the model's layers (scan_layers: ModelOptions.scan_layers)."""
-    W, DI = latent_width(cfg, lane_padded), cfg.index_head_dim
-    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))  # noqa: E731
+    the model's layers (scan_layers: ModelOptions.scan_layers). quant "fp8": latent rows and indexer keys
+    quantized (module docstring), the keys to key_dtype (int8, or float8_e4m3fn for the GPU kernels).
+    page_size: a paged cache of num_pages pages (max_len must be a multiple of page_size)."""
+    if quant not in ("none", "fp8"):
+        raise ValueError(f"cache quant: {quant!r} is not 'none' or 'fp8'")
+    if page_size is not None and (page_size < 1 or max_len % page_size or not num_pages or num_pages < 1):
+        raise ValueError(f"paged cache: max_len {max_len} must be a multiple of page_size {page_size}, and "
+                         f"num_pages ({num_pages}) >= 1")
+    r, p, DI = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim
+    W = latent_width(cfg, lane_padded)
+    sds = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, jnp.dtype(dt))  # noqa: E731
+
+    def latent(*lead):
+        if quant == "none":
+            return sds(*lead, W)
+        if lane_padded:  # TPU: values packed in uint32, the rope tail padded to a lane-dense W - r
+            return QuantizedRows(sds(*lead, r // 4, dt=jnp.uint32), sds(*lead, dt=jnp.float32), sds(*lead, W - r))
+        return QuantizedRows(sds(*lead, r, dt=FP8), sds(*lead, dt=jnp.float32), sds(*lead, p))
+
+    def keys(*lead):
+        if quant == "none" or lane_padded:  # TPU: 8-bit key rows would be relayouted on every write
+            return sds(*lead, DI)
+        return QuantizedRows(sds(*lead, DI, dt=key_dtype), sds(*lead, dt=jnp.float32))
+
     segments = plan_segments(cfg, scan_layers)
     has_mtp = mtp and cfg.num_nextn_predict_layers > 0
+    rows = (slots, max_len) if page_size is None else (num_pages, page_size)
     return KVCache(
-        latent=tuple(sds(s.num_groups, s.group_size, slots, max_len, W) for s in segments),
-        index_keys=tuple(sds(s.num_groups, slots, max_len, DI) for s in segments),
-        mtp_latent=sds(slots, max_len, W) if has_mtp else None,
-        mtp_index_keys=sds(slots, max_len, DI) if has_mtp else None)
+        latent=tuple(latent(s.num_groups, s.group_size, *rows) for s in segments),
+        index_keys=tuple(keys(s.num_groups, *rows) for s in segments),
+        mtp_latent=latent(*rows) if has_mtp else None,
+        mtp_index_keys=keys(*rows) if has_mtp else None,
+        pages=None if page_size is None else sds(slots, max_len // page_size, dt=jnp.int32))
 
 
 def init_cache(cfg: GlmMoeDsaConfig, slots: int, max_len: int, *, mtp: bool, dtype=jnp.bfloat16,
-               lane_padded: bool = False, scan_layers: bool = True, sharding=None) -> KVCache:
-    """A zeroed cache for `slots` sequences of up to `max_len` tokens (see cache_shapes); `sharding`: a
-    jax.sharding.Sharding for every array (e.g. replicated on a mesh)."""
+               lane_padded: bool = False, scan_layers: bool = True, quant: Quant = "none", key_dtype=jnp.int8,
+               page_size: int | None = None, num_pages: int | None = None, sharding=None) -> KVCache:
+    """A zeroed cache for `slots` sequences of up to `max_len` tokens (see cache_shapes; a paged cache's table
+    is all -1: no page assigned); `sharding`: a jax.sharding.Sharding for every array (e.g. replicated on a
+    mesh)."""
     shapes = cache_shapes(cfg, slots, max_len, mtp=mtp, dtype=dtype, lane_padded=lane_padded,
-                          scan_layers=scan_layers)
-    make = lambda s: jnp.zeros(s.shape, s.dtype, device=sharding)  # noqa: E731
-    return jax.tree.map(make, shapes)
+                          scan_layers=scan_layers, quant=quant, key_dtype=key_dtype, page_size=page_size,
+                          num_pages=num_pages)
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=sharding), shapes)
+    if cache.paged:
+        cache = cache._replace(pages=jnp.full(cache.pages.shape, -1, jnp.int32, device=sharding))
+    return cache
 
 
 def cache_bytes(cache: KVCache) -> int:
+    """Bytes of every buffer (a paged cache's table included)."""
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
 
 
-def bytes_per_token(cfg: GlmMoeDsaConfig, *, mtp: bool, dtype=jnp.bfloat16, lane_padded: bool = False) -> int:
+def bytes_per_token(cfg: GlmMoeDsaConfig, *, mtp: bool, dtype=jnp.bfloat16, lane_padded: bool = False,
+                    quant: Quant = "none", key_dtype=jnp.int8) -> int:
     """Cache bytes one token of one sequence occupies."""
-    return cache_bytes(cache_shapes(cfg, 1, 1, mtp=mtp, dtype=dtype, lane_padded=lane_padded))
+    return cache_bytes(cache_shapes(cfg, 1, 1, mtp=mtp, dtype=dtype, lane_padded=lane_padded, quant=quant,
+                                    key_dtype=key_dtype))
 
 
 class Rows(NamedTuple):
     """Where a call's new tokens go. slots [B] int32 (the cache slot of each row) or None for every slot in
     order; start [B] int32: the slot's length before the call (the first new token's position); count [B]
-    int32: how many of the T new tokens are real (the rest are padding: written, never valid)."""
+    int32: how many of the T new tokens are real (the rest are padding: written, never valid); pages [B, S /
+    page] int32: the page-table rows of the call's slots (a paged cache; `on`), else None."""
 
     slots: jax.Array | None
     start: jax.Array
     count: jax.Array
+    pages: jax.Array | None = None
+
+    def on(self, cache: KVCache) -> Rows:
+        """These rows with their page-table rows when `cache` is paged."""
+        return self._replace(pages=self.take(cache.pages)) if cache.paged else self
 
     def positions(self, T: int) -> jax.Array:
         """[B,T] int32 cache positions (= token indices) of the new tokens."""
@@ -106,20 +175,33 @@ class Rows(NamedTuple):
         """[B,S] bool: the keys that exist after this call."""
         return jnp.arange(S, dtype=jnp.int32)[None, :] < (self.start + self.count)[:, None]
 
-    def take(self, buf: jax.Array) -> jax.Array:
-        """buf [B_all, S, ...] -> [B, S, ...] for this call's rows."""
-        return buf if self.slots is None else buf[self.slots]
+    def take(self, buf):
+        """buf [B_all, S, ...] (or QuantizedRows) -> [B, S, ...] for this call's rows."""
+        return buf if self.slots is None else take_rows(buf, self.slots)
 
 
-def _scatter(buf: jax.Array, index: tuple, rows: Rows, new: jax.Array) -> jax.Array:
+def _scatter(buf, index: tuple, rows: Rows, new: jax.Array):
     """buf[*index, slot_b, start_b + t] = new[b, t] (positions past the end are dropped: a last prefill chunk's
-    padding, or a verification at the end of a slot)."""
+    padding, or a verification at the end of a slot). new [B, T, D]; a QuantizedRows buf gets the rows
+    quantized."""
+    if isinstance(buf, QuantizedRows):
+        parts = quantize_rows(new, buf.quantized_dims, buf.values.dtype, None if buf.tail is None else buf.tail.dtype)
+        return QuantizedRows(*(None if b is None else _scatter(b, index, rows, n)
+                               for b, n in zip(buf, parts, strict=True)))
     B, T = new.shape[:2]
-    slots = jnp.arange(B, dtype=jnp.int32) if rows.slots is None else rows.slots
     new = new.astype(buf.dtype)
-    if new.shape[-1] < buf.shape[-1]:  # lane padding
-        new = jnp.pad(new, ((0, 0),) * (new.ndim - 1) + ((0, buf.shape[-1] - new.shape[-1]),))
-    return buf.at[index + (slots[:, None], rows.positions(T))].set(new, mode="drop")
+    if new.ndim == 3 and new.shape[-1] < buf.shape[-1]:  # lane padding
+        new = jnp.pad(new, ((0, 0), (0, 0), (0, buf.shape[-1] - new.shape[-1])))
+    pos = rows.positions(T)
+    if rows.pages is None:
+        slots = jnp.arange(B, dtype=jnp.int32) if rows.slots is None else rows.slots
+        return buf.at[index + (slots[:, None], pos)].set(new, mode="drop")
+    # Paged: (page, row in page) through the table; no page (-1) or past the table: out of bounds, dropped.
+    num_pages, page = buf.shape[len(index)], buf.shape[len(index) + 1]
+    logical = pos // page
+    ids = jnp.take_along_axis(rows.pages, jnp.minimum(logical, rows.pages.shape[1] - 1), axis=1)
+    ids = jnp.where((logical < rows.pages.shape[1]) & (ids >= 0), ids, num_pages)
+    return buf.at[index + (ids, pos % page)].set(new, mode="drop")
 
 
 class LayerWriter:
@@ -135,11 +217,28 @@ class LayerWriter:
     def __call__(self, proj: Projection) -> Keys:
         rows = self.rows
         self.latent = _scatter(self.latent, self.latent_index, rows, proj.latent)
-        lat = rows.take(self.latent[self.latent_index])
-        if lat.shape[-1] != self.width:  # the kernels that take the lane-padded width are given it as is
-            lat = lat[..., :self.width]
         ik = None
         if proj.index_keys is not None:
             self.index_keys = _scatter(self.index_keys, self.keys_index, rows, proj.index_keys)
-            ik = rows.take(self.index_keys[self.keys_index])
-        return Keys(lat, ik, rows.key_valid(lat.shape[1]))
+            ik = take_rows(self.index_keys, self.keys_index)
+        return read_keys(take_rows(self.latent, self.latent_index), ik, rows, self.width)
+
+
+def read_keys(latent, index_keys, rows: Rows, width: int) -> Keys:
+    """One layer's buffers (latent [B_all, S, W] and index keys [B_all, S, DI] or None; or their pools [P,
+    page, ...] with rows.pages) -> the Keys the call's rows attend over: their slots' rows (lane padding cut to
+    `width` for the kernels that do not take it), or the pools as [1, P * page, ...] with the page tables."""
+    if rows.pages is not None:
+        S = rows.pages.shape[1] * latent.shape[1]  # pages per slot x page size
+        pool = lambda a: a.reshape(1, a.shape[0] * a.shape[1], *a.shape[2:])  # noqa: E731
+        latent = jax.tree.map(pool, latent)
+        index_keys = None if index_keys is None else jax.tree.map(pool, index_keys)
+    else:
+        latent, index_keys = rows.take(latent), None if index_keys is None else rows.take(index_keys)
+        S = latent.shape[1]
+    if latent.shape[-1] != width:  # the kernels that take the lane-padded width are given it as is
+        if isinstance(latent, QuantizedRows):
+            latent = latent._replace(tail=latent.tail[..., :width - latent.quantized_dims])
+        else:
+            latent = latent[..., :width]
+    return Keys(latent, index_keys, rows.key_valid(S), rows.pages)
