@@ -24,8 +24,10 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     # activations. Outside the MoE the expert axis is one more data-parallel axis; context splits the sequence.
     "batch": ("data", "fsdp", "expert"),
     "seq": ("context",),
-    # A serving KV cache's sequence axis (sequence-sharded decoding; glmjax.serve.engine.serve_rules).
+    # A serving KV cache's sequence axis (sequence-sharded decoding), and the page axis of a paged cache's
+    # pools (each slot group's pages with its slots); glmjax.serve.engine.serve_rules.
     "kv_seq": ("context",),
+    "kv_pages": ("data", "fsdp", "expert"),
     # The residual stream between sublayers also splits the sequence over tensor (sequence parallelism):
     # tensor-parallel sublayers gather it at entry and reduce-scatter their output, so the saved layer
     # inputs and the residual adds take 1/tensor of the memory of a tensor-replicated stream.

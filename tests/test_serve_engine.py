@@ -139,23 +139,25 @@ def test_requests_that_cannot_fit_are_refused(model):
         EngineConfig(slots=2, max_len=60, page_size=8)
 
 
-@pytest.mark.parametrize("k,num_pages,tensor", [(0, None, 1), (3, 9, 2)])
-def test_paged_cache_gives_the_slot_cache_tokens(model, prompts, reference, k, num_pages, tensor):
-    """Pages of 8 tokens through a page table give the reference's (= the slot cache's) tokens, plain and
-    speculative (on a tensor-parallel mesh of 2 devices). With 9 pages, the 54-token request (prompt 40 +
-    14: 7 pages) cannot start next to the others and waits for their pages; every page is back in the pool
-    at the end."""
+@pytest.mark.parametrize("k,num_pages,shape", [(0, 9, None), (3, 16, {"tensor": 2, "expert": 2})])
+def test_paged_cache_gives_the_slot_cache_tokens(model, prompts, reference, k, num_pages, shape):
+    """Pages of 8 tokens through a page table give the reference's (= the slot cache's) tokens, plain on one
+    device, where with 9 pages the 54-token request (prompt 40 + 14: 7 pages) cannot start next to the others
+    and waits for their pages; and speculative on a tensor 2 x expert 2 mesh, where the pools are split over
+    expert (8 pages per slot group, each slot's pages on its devices; a prefill chunk, whose one request is
+    not split, merges over the groups). Every page is back in the pool at the end."""
     want, stop = reference
     config = EngineConfig(num_speculative_tokens=k, page_size=8, num_pages=num_pages, **ENGINE)
-    if tensor > 1:
-        mesh = make_mesh({"tensor": tensor}, jax.devices()[:tensor])
+    if shape:
+        mesh = make_mesh(shape, jax.devices()[:4])
         engine = Engine(shard_model(load(), mesh), config, mesh=mesh)
+        assert engine.cache.latent[0].addressable_shards[0].data.shape[2] == num_pages // 2
     else:
         engine = Engine(model, config)
-    assert engine.cache.paged and engine.cache.latent[0].shape[2:4] == (num_pages or 2 * 64 // 8, 8)
+    assert engine.cache.paged and engine.cache.latent[0].shape[2:4] == (num_pages, 8)
     assert [c.tokens for c in engine.generate(requests(prompts, stop))] == want
-    assert engine.pages.free_pages == engine.config.pool_pages and (engine.pages.table == -1).all()
-    assert (engine.stats["waited"] > 0) == (num_pages is not None)
+    assert engine.pages.free_pages == num_pages and (engine.pages.table == -1).all()
+    assert (engine.stats["waited"] > 0) == (shape is None)
 
 
 def test_cache_rows_past_a_slots_length_are_never_read(model, prompts):

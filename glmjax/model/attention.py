@@ -263,16 +263,21 @@ class MLAttention(nnx.Module):
                 offset = jax.lax.axis_index(kv_axes) * kvalid.shape[1]
                 tok, start = tok - offset, start - offset
             return self._attend_local(a["q"], kv, ik, kvalid, a["iq"], a["iw"], tok, start, a.get("topk"),
-                                      head_axes, index_head_axes, kv_axes, a.get("pages"))
+                                      head_axes, index_head_axes, kv_axes, a.get("pages"), pool_axes, pool_split)
 
         args = dict(q=proj.q, kv=keys.latent, ik=keys.index_keys, kvalid=keys.valid, iq=proj.index_q,
                     iw=proj.index_w, tok=info.token_index, start=info.doc_start)
         if topk is not None:
             args["topk"] = topk
+        pool_axes = pool_split = ()
         if keys.pages is not None:
             if kv_axes:
                 raise NotImplementedError("a paged KV cache split over the sequence (kv_seq)")
             args["pages"] = keys.pages
+            # The pools are split over "kv_pages" (each slot group's pages on its devices). A call whose rows
+            # are not split the same way (a prefill chunk's one request) merges over the rest.
+            pool_axes = sharding.mesh_axes("kv_pages", mesh)
+            pool_split = tuple(a for a in pool_axes if a not in sharding.mesh_axes("batch", mesh))
         if mesh is None:
             return core(args)
         key_seq = "seq" if own else "kv_seq"
@@ -281,8 +286,8 @@ class MLAttention(nnx.Module):
                     ik=("batch", key_seq, None), kvalid=("batch", key_seq),
                     iq=("batch", "seq", "act_index_heads", None), iw=("batch", "seq", "act_index_heads"),
                     tok=("batch", "seq"), start=("batch", "seq"), topk=topk_axes, pages=("batch", None))
-        if keys.pages is not None:  # one pool of rows for every slot: whole on every device of the call
-            axes.update(kv=(None, None, None), ik=(None, None, None))
+        if keys.pages is not None:  # pools [1, pages * page, ...]: the pages split over "kv_pages"
+            axes.update(kv=(None, "kv_pages", None), ik=(None, "kv_pages", None))
         # A quantized cache's parts (values, per-row scale, rope tail) share their leading axes.
         in_specs = {k: jax.tree.map(lambda a, k=k: sharding.logical_to_spec(axes[k][:a.ndim], a.shape, mesh=mesh,
                                                                             what=f"attention input {k}"), v)
@@ -296,14 +301,22 @@ class MLAttention(nnx.Module):
         return jax.shard_map(core, in_specs=(in_specs,), out_specs=out_specs, check_vma=False)(args)
 
     def _attend_local(self, q, kv, ik, kvalid, iq, iw, tok, start, topk, head_axes, index_head_axes,
-                      kv_axes=(), pages=None):
+                      kv_axes=(), pages=None, pool_axes=(), pool_split=()):
         """One shard's attention: its queries against its keys (all of them, or its share of a cache split
-        over kv_axes; pages: a paged cache's page table, Keys). Head-split partial sums are reduced over the
-        given mesh axes (inside shard_map; empty tuples outside). The top-k indices are logical key
-        positions; a paged cache maps them to pool rows for the attention kernel."""
+        over kv_axes). Head-split partial sums are reduced over the given mesh axes (inside shard_map; empty
+        tuples outside). The top-k indices are logical key positions.
+
+        pages: a paged cache's page table (Keys); kv and ik are this shard's pages of pools split over
+        pool_axes, and the keys on other shards' pages are not valid here. pool_split: the pool axes the
+        call's rows are replicated over (a prefill chunk): only the shard holding a row's pages selects and
+        attends for it, and the results merge over them."""
         cfg, opts = self.cfg, self.opts
         common = dict(q_block=opts.q_block, impl=opts.attention_impl, interpret=opts.interpret)
-        page = None if pages is None else kvalid.shape[1] // pages.shape[1]
+        page = None
+        if pages is not None:
+            page = kvalid.shape[1] // pages.shape[1]
+            pages, kvalid = _local_pages(pages, kvalid, page, kv.shape[1] // page, pool_axes)
+        merge_axes = kv_axes or pool_split
         if iq is not None and pages is not None:  # the indexer scores every key: in logical order
             ik = jax.tree.map(lambda pool: _paged_view(pool, pages, page), ik)
         if iq is not None:
@@ -313,11 +326,13 @@ class MLAttention(nnx.Module):
                 jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik), jax.lax.stop_gradient(iw), k_scale=ik_scale,
                 key_valid=kvalid, query_index=tok, query_start=start,
                 topk=kvalid.shape[1] if opts.dense_attention else cfg.index_topk,
-                scale=cfg.index_head_dim**-0.5, reduce_scores=psum_scores, key_shards=kv_axes, **common)
+                scale=cfg.index_head_dim**-0.5, reduce_scores=psum_scores, key_shards=merge_axes, **common)
+            if pool_split:  # one shard selected (logical positions), the others hold only empty slots
+                topk = jax.lax.psum(topk + 1, pool_split) - 1
         rows = topk if pages is None else _pool_rows(topk, pages, page)
         o_lat, lse = sparse_mla(q, kv, rows, scale=self.scale, v_dim=cfg.kv_lora_rank, **common)
-        if kv_axes:
-            o_lat, lse = merge_shards(o_lat, lse, kv_axes)
+        if merge_axes:
+            o_lat, lse = merge_shards(o_lat, lse, merge_axes)
         probs = logits = None
         if opts.indexer_loss:
             probs = attention_probs_at(q, kv, topk, lse, scale=self.scale, q_block=opts.q_block)
@@ -331,11 +346,21 @@ class MLAttention(nnx.Module):
         return o_lat, topk, AttentionAux(probs, logits)
 
 
+def _local_pages(pages: jax.Array, kvalid: jax.Array, page: int, held: int, pool_axes: tuple[str, ...]):
+    """Page tables [B, M] of global page ids -> (ids among the `held` pages of this shard's part of a pool split
+    over pool_axes, -1 for pages held elsewhere; kvalid [B, M * page] with their positions not valid here)."""
+    first = jax.lax.axis_index(pool_axes) * held if pool_axes else 0
+    local = pages - first
+    mine = (pages >= 0) & (local >= 0) & (local < held)
+    return jnp.where(mine, local, -1), kvalid & jnp.repeat(mine, page, axis=1)
+
+
 def _pool_rows(indices: jax.Array, pages: jax.Array, page: int) -> jax.Array:
-    """Logical key positions [B,T,K] (-1 = empty) -> rows of a paged pool: pages[b, s // page] * page + s % page."""
+    """Logical key positions [B,T,K] (-1 = empty) -> rows of a paged pool: pages[b, s // page] * page + s % page
+    (-1 where the position has no page here)."""
     safe = jnp.maximum(indices, 0)
     page_ids = jax.vmap(lambda table, i: table[i])(pages, safe // page)
-    return jnp.where(indices >= 0, page_ids * page + safe % page, -1)
+    return jnp.where((indices >= 0) & (page_ids >= 0), page_ids * page + safe % page, -1)
 
 
 def _paged_view(pool: jax.Array, pages: jax.Array, page: int) -> jax.Array:

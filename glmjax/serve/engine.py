@@ -143,10 +143,11 @@ def serve_rules(kv_seq_axes: tuple[str, ...] = ("context",)) -> dict[str, tuple[
     step has one per slot); the cache's sequence axis ("kv_seq") is split over `kv_seq_axes` (a
     sequence-sharded cache: every slot's keys in contiguous shards), and the slots over the batch axes left
     (data, fsdp, expert). For one long request on a context x expert x tensor mesh, ("context", "expert")
-    gives every device of a tensor group its own share of the sequence."""
+    gives every device of a tensor group its own share of the sequence. A paged cache's pools are split like
+    the slots ("kv_pages"): each slot group's pages live with its slots."""
     batch = tuple(a for a in DEFAULT_RULES["batch"] if a not in kv_seq_axes)
     return {**DEFAULT_RULES, "batch": batch, "seq": (), "res_seq": ("tensor",), "kv_seq": tuple(kv_seq_axes),
-            "embed": ("fsdp",), "mtp_in": ("fsdp",)}
+            "kv_pages": batch, "embed": ("fsdp",), "mtp_in": ("fsdp",)}
 
 
 SERVE_RULES = serve_rules()
@@ -215,13 +216,14 @@ class Engine:
                                 lane_padded=lane_padded, scan_layers=model.options.scan_layers,
                                 quant=config.kv_quant, key_dtype=index_key_dtype(model.options),
                                 page_size=config.page_size, num_pages=config.pool_pages)
-        self.pages = None
-        if config.page_size is not None:
-            self.pages = PageAllocator(config.pool_pages, config.page_size, config.slots,
-                                       config.max_len // config.page_size)
+        self._slot_groups = 1
         self.state = steps.init_state(config.slots, k, cfg.vocab_size, self.sampled_drafts)
         if mesh is not None:
             self._place_on(mesh)
+        self.pages = None
+        if config.page_size is not None:  # each group of slots (split over the mesh) has its own pages
+            self.pages = PageAllocator(config.pool_pages, config.page_size, config.slots,
+                                       config.max_len // config.page_size, groups=self._slot_groups)
         else:  # committed from the start: the programs see the same argument shardings on every call
             self.cache, self.state = jax.device_put((self.cache, self.state), jax.devices()[0])
         # The programs take the parameters as a flat list of arrays: jit flattens a list in C++, while an nnx
@@ -239,11 +241,14 @@ class Engine:
             if self.config.slots % n:
                 raise InputError(f"slots: {self.config.slots} slots do not split over the mesh's batch axes "
                                  f"{list(mesh_axes('batch', mesh))} ({n} devices); use a multiple of {n}")
-            if self.pages is not None and (n > 1 or mesh_size(mesh_axes("kv_seq", mesh), mesh) > 1):
-                raise InputError("page_size: a paged cache is one pool of pages for every slot, so it is not split "
-                                 f"over the mesh's batch axes {list(mesh_axes('batch', mesh))} or its sequence "
-                                 f"axes {list(mesh_axes('kv_seq', mesh))} yet: use a tensor-parallel mesh or "
-                                 "the slot cache")
+            if self.config.page_size is not None:
+                if mesh_size(mesh_axes("kv_seq", mesh), mesh) > 1:
+                    raise InputError("page_size: a paged cache is not split over the sequence yet (kv_seq axes "
+                                     f"{list(mesh_axes('kv_seq', mesh))}): use kv_seq_axes=() or the slot cache")
+                if self.config.pool_pages % n:
+                    raise InputError(f"num_pages: {self.config.pool_pages} pages do not split over the mesh's "
+                                     f"{n} slot groups; use a multiple of {n}")
+            self._slot_groups = n
             m = mesh_size(mesh_axes("kv_seq", mesh), mesh)
             if self.config.max_len % m:
                 raise InputError(f"max_len: {self.config.max_len} positions do not split over the cache's "
@@ -331,8 +336,8 @@ class Engine:
                         break
                     self.check(request)
                     if not self._reserve(b, request):
-                        held = request  # first come, first served: nothing overtakes it
-                        self.stats["waited"] += 1
+                        held = request  # first come, first served: nothing overtakes it (another slot group
+                        self.stats["waited"] += 1  # may have its pages)
                         break
                     t0 = time.perf_counter()
                     live = _Live(request, StopChecker(request.params, self.codec, self.eos_ids), t0)
@@ -343,8 +348,6 @@ class Engine:
                         yield live.done()
                     else:
                         slots[b] = live
-                if held is not None:
-                    break
             if all(s is None for s in slots):
                 if held is None:
                     return
@@ -382,7 +385,7 @@ class Engine:
         """Gives `slot` the pages of `request` (a paged cache) -> False when they are not free now."""
         if self.pages is None:
             return True
-        if not self.pages.fits(self._budget(request)):
+        if not self.pages.fits(slot, self._budget(request)):
             return False
         self.pages.assign(slot, self._budget(request))
         self._sync_pages()
