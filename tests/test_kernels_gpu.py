@@ -13,6 +13,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 from pallas_kernels.blocks import tuned_blocks
 from pallas_kernels.dsa_indexer.gpu import indexer_scores_gpu, quantize_keys_fp8
 from pallas_kernels.dsa_indexer.reference import indexer_scores_block
+from pallas_kernels.quantize import QuantizedRows
 from pallas_kernels.sparse_mla.gpu import sparse_mla_bwd_gpu, sparse_mla_fwd_gpu
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 
@@ -294,3 +295,20 @@ def test_sparse_mla_fwd_bwd_lower_for_h200(B, T):
     assert fwd_grid == (T, splits, B)
     assert bwd_grid == (T, 2, B)  # backward: 2 head blocks of 32
     assert f"tensor<{B}x{S_REAL + 1}x576xf32>" in text  # the float32 dkv accumulator (with its dump row)
+
+
+def test_sparse_mla_fwd_over_a_shared_fp8_pool_lowers_for_h200():
+    """A paged FP8 serving cache at the real shapes: one pool of 1M rows for 8 decode rows of 4 tokens, its
+    latent values float8_e4m3fn with per-row scales and the rope dims bf16: the forward kernel takes the
+    three arrays and indexes the pool for every batch row."""
+    sds = jax.ShapeDtypeStruct
+    N = 8 * S_REAL
+    kv = QuantizedRows(sds((1, N, 512), jnp.float8_e4m3fn), sds((1, N), jnp.float32), sds((1, N, 64), jnp.bfloat16))
+    args = (sds((8, 4, 64, 576), jnp.bfloat16), kv, sds((8, 4, K_REAL), jnp.int32))
+
+    def f(q, kv, idx):
+        return sparse_mla_fwd_gpu(q, kv, idx, scale=256**-0.5, v_dim=512, q_block=64, blocks=FWD)
+
+    text = _lower_h200(f, *args)
+    assert text.count(TRITON_CALL) == 1 and "sparse_mla_fwd" in text
+    assert f"tensor<1x{N}x512xf8E4M3FN>" in text and f"tensor<1x{N}x64xbf16>" in text

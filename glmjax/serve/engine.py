@@ -183,7 +183,8 @@ def slot_shardings(cache: KVCache, state: steps.SlotState, mesh: Mesh, rules=SER
 
 def index_key_dtype(options: ModelOptions):
     """The 8-bit dtype of quantized indexer keys: float8_e4m3fn for the GPU scores kernel (its FP8 tensor-core
-    path), int8 for the TPU kernel and the reference. int8 is the more accurate of the two for LayerNormed
+    path), int8 otherwise (the TPU layout keeps its keys bf16: glmjax.serve.kv_cache; the TPU kernel takes
+    int8 keys). int8 is the more accurate of the two for LayerNormed
     keys (a uniform step of amax / 127 against e4m3's 3-bit mantissa): on the demo model its logit KL against
     the bf16 cache is 4x lower (benchmarks/kv_fp8_error.py)."""
     if options.attention_impl != "reference" and kernel_family(options.attention_impl, options.interpret) == "gpu":
@@ -220,12 +221,12 @@ class Engine:
         self.state = steps.init_state(config.slots, k, cfg.vocab_size, self.sampled_drafts)
         if mesh is not None:
             self._place_on(mesh)
+        else:  # committed from the start: the programs see the same argument shardings on every call
+            self.cache, self.state = jax.device_put((self.cache, self.state), jax.devices()[0])
         self.pages = None
         if config.page_size is not None:  # each group of slots (split over the mesh) has its own pages
             self.pages = PageAllocator(config.pool_pages, config.page_size, config.slots,
                                        config.max_len // config.page_size, groups=self._slot_groups)
-        else:  # committed from the start: the programs see the same argument shardings on every call
-            self.cache, self.state = jax.device_put((self.cache, self.state), jax.devices()[0])
         # The programs take the parameters as a flat list of arrays: jit flattens a list in C++, while an nnx
         # State's Variables flatten in Python (~1 ms per call for the demo's 100 arrays).
         self.graphdef, params = nnx.split(model)

@@ -104,7 +104,8 @@ def _gather(kv_ref, idx, valid, start, width):
     """Rows kv_ref[idx, start:start+width] -> [len(idx), width]; zeros (and no load on GPU) for empty slots."""
     cols = start + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
     ref = kv_ref.at[idx[:, None], cols]
-    return plgpu.load(ref, mask=valid[:, None], other=0)
+    # A float fill: Triton casts it to any float row type (fp8 included), not an int one.
+    return plgpu.load(ref, mask=valid[:, None], other=0.0 if jnp.issubdtype(kv_ref.dtype, jnp.floating) else 0)
 
 
 def _qk(q_lat, q_rope, rows_lat, rows_rope):
