@@ -15,7 +15,21 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="glmjax-jax-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
+import pytest  # noqa: E402
+
 GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module's compiled programs are dropped when it ends (the serving engine's program table
+    included): the suite builds hundreds of programs over meshes of 8 devices, and keeping all of them alive
+    in one process only grows its memory. The persistent compilation cache above still serves repeats."""
+    yield
+    from glmjax.serve import engine
+
+    engine._PROGRAMS.clear()
+    jax.clear_caches()
 REPO = Path(__file__).parent.parent
 
 
