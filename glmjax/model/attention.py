@@ -69,11 +69,6 @@ class Keys(NamedTuple):
     valid: jax.Array
     pages: jax.Array | None = None
 
-    @property
-    def length(self) -> int:
-        """S, the keys per row (the pages' logical positions for a paged cache)."""
-        return self.valid.shape[1]
-
 
 class Projection(NamedTuple):
     """The new tokens' side of attention. q [B,T,H,r+p] absorbed queries; latent [B,T,r+p] new latent rows;
