@@ -125,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "the pages of its prompt + max_tokens are free")
     en.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                     help="fp8: latent rows in float8 e4m3 with per-row scales (rope dims unquantized) and 8-bit "
-                         "indexer keys (bf16 in the TPU layout): 1.6-1.8x fewer cache bytes; auto: the compute dtype")
+                         "indexer keys with per-token scales: 1.7-1.8x fewer cache bytes; auto: the compute dtype")
     en.add_argument("--scan-layers", action="store_true",
                     help="run the stacked IndexShare groups in a lax.scan (faster compiles); by default every "
                          "group has its own weights, which a scan would copy out of the stack on every step")
@@ -232,7 +232,7 @@ def compile_only(args) -> None:
     report = compile_serve_step(cfg, args.topology, args.mesh or {}, slots=args.slots,
                                 max_len=args.max_len or cfg.max_position_embeddings, k=k, program=args.program,
                                 prefill_chunk=args.prefill_chunk, rules=serve_rules(args.kv_seq_axes),
-                                kv_quant=kv_quant(args))
+                                kv_quant=kv_quant(args), page_size=args.page_size, num_pages=args.num_pages)
     print(report.table())
 
 

@@ -8,8 +8,9 @@ computed from the model's abstract parameters and their shardings (no compile). 
 HBM after the weights and a reserve (--reserve of HBM, default 10%: the decode step's temporaries were
 1.1-1.4 GiB of 95.74 in the compiled steps, docs/serving.md) holds KV cache. The cache bytes per token
 come from `glmjax.serve.kv_cache.cache_shapes`, in the TPU layouts: bf16 rows stored 640 wide, or FP8 rows
-(512 fp8 values packed in uint32 + a float32 scale + the 64 rope values in a 128-lane bf16 tail; indexer
-keys bf16), with IndexShare's indexer keys on the 21 full layers + MTP, or (for comparison) on all 78 + MTP.
+(512 fp8 values packed in uint32 + a float32 scale + the 64 rope values in a 128-lane bf16 tail; int8
+indexer keys packed four positions per uint32 word + a float32 scale), with IndexShare's indexer keys on
+the 21 full layers + MTP, or (for comparison) on all 78 + MTP.
 
 A tensor group's chips hold the same rows (MLA's one latent row serves every head), so a topology holds
 (chips / tensor) x tokens-per-chip tokens of cache, in slots or sequence shards as the mesh splits them.

@@ -6,7 +6,8 @@ For each model (the golden fixtures, random weights at tiny dims, and the traine
 sequence runs through the serving path (`glmjax.serve.forward.target_forward` chunk by chunk, every chunk
 attending over the cache the earlier ones wrote) with five caches: float32, bf16, and FP8 (latent rows
 float8_e4m3fn with per-row scales, rope dims bf16) with indexer keys int8 (the reference's) or
-float8_e4m3fn (the GPU kernel's) with per-token scales, or bf16 (the TPU layout; glmjax.serve.kv_cache). The model
+float8_e4m3fn (the GPU kernel's) with per-token scales, and the TPU layout of the first (values packed in
+uint32 words, the rope lane-padded; glmjax.serve.kv_cache: the same numbers, so the same error). The model
 computes in float32 every time, so the differences are the cache formats' alone. Reported per model, each
 FP8 cache against bf16 and, for scale, bf16 against float32, over every position after the first chunk
 (the ones that read cached rows): the largest |logit difference|, the mean |difference| relative to the
@@ -37,7 +38,7 @@ def cache_logits(model, tokens: np.ndarray, *, quant: str, chunk: int, dtype=jnp
                  key_dtype=jnp.int8, lane_padded: bool = False) -> np.ndarray:
     """tokens [B, T] int -> logits [B, T, V] float32 through the KV-cache forward, `chunk` tokens per call, the
     cache in `dtype` (quant "none") or FP8 (quant "fp8", rope dims in dtype, indexer keys in key_dtype; with
-    lane_padded, the TPU layout: packed values, keys in dtype)."""
+    lane_padded, the TPU layout: values and int8 keys packed in uint32 words)."""
     B, T = tokens.shape
     cache = init_cache(model.config, B, T, mtp=False, dtype=dtype, scan_layers=model.options.scan_layers,
                        quant=quant, key_dtype=key_dtype, lane_padded=lane_padded)
@@ -88,7 +89,7 @@ def measure(path: Path, tokens: np.ndarray | None, n: int, chunk: int, batch: in
     tpu = cache_logits(model, tokens, quant="fp8", chunk=chunk, lane_padded=True)
     cut = lambda x: x[:, chunk:]  # noqa: E731
     return {"fp8, int8 keys": compare(cut(bf16), cut(int8_keys)), "fp8, fp8 keys": compare(cut(bf16), cut(fp8_keys)),
-            "fp8, bf16 keys": compare(cut(bf16), cut(tpu)), "bf16 vs f32": compare(cut(f32), cut(bf16))}
+            "fp8, TPU layout": compare(cut(bf16), cut(tpu)), "bf16 vs f32": compare(cut(f32), cut(bf16))}
 
 
 def main() -> None:

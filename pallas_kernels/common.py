@@ -86,17 +86,26 @@ def kernel_family(impl: str, interpret: bool) -> str:
 def gather_rows(x, indices: jax.Array, dtype=None) -> jax.Array:
     """x [B, S, ...], indices [B, T, K] -> [B, T, K, ...] rows x[b, indices[b, t, k]]; a negative (empty) index
     reads row 0, which the caller masks. x [1, S, ...] is one pool of rows shared by every batch row (a paged
-    cache: indices are pool rows). x may be QuantizedRows: only the selected rows are read, and they are
-    dequantized to `dtype`."""
+    cache: indices are pool rows). x may be QuantizedRows: only the selected rows are read (a folded tail's
+    rows i // n), and they are dequantized to `dtype`."""
 
-    def gather(a):
+    def gather(a, indices=indices):
         idx = jnp.clip(indices, 0, a.shape[1] - 1)
         if a.shape[0] == 1:
             return a[0][idx]
         return jax.vmap(lambda a_b, i_b: a_b[i_b])(a, idx)
 
     if isinstance(x, QuantizedRows):
-        return dequantize(jax.tree.map(gather, x), dtype)
+        tail, n = x.tail, x.tail_fold
+        if n > 1:  # a folded tail: row i // n, its (i % n)-th part
+            d = tail.shape[-1] // n
+            folded = gather(tail, jnp.maximum(indices, 0) // n)
+            folded = folded.reshape(*folded.shape[:-1], n, d)
+            part = (jnp.maximum(indices, 0) % n)[..., None, None]
+            tail = jnp.take_along_axis(folded, part, axis=-2)[..., 0, :]
+        else:
+            tail = None if tail is None else gather(tail)
+        return dequantize(QuantizedRows(gather(x.values), gather(x.scale), tail), dtype)
     return gather(x)
 
 

@@ -1,8 +1,9 @@
 """The serving engine's speculative step compiled ahead of time for a multi-chip TPU (v5p 2x2x1, 4 chips) under a
-tensor x expert mesh, and with an FP8 cache split over the sequence (v5p 2x2x2, context x tensor x expert), at
-GLM-5.2's dims with two decoder layers (one dense, one MoE) plus the MTP layer, 16 experts and a 16K
-vocabulary (as tests/test_aot_model.py). The full 753B step (64 slots x 128K on v5p:4x4x4, or one 1M-token
-request) is `python serve.py --compile-only`; it takes minutes on a CPU host."""
+tensor x expert mesh (a bf16 slot cache, a paged FP8 cache), and with an FP8 cache split over the sequence
+(v5p 2x2x2, context x tensor x expert), at GLM-5.2's dims with two decoder layers (one dense, one MoE) plus
+the MTP layer, 16 experts and a 16K vocabulary (as tests/test_aot_model.py). The full 753B step (64 slots x
+128K on v5p:4x4x4, or one 1M-token request) is `python serve.py --compile-only`; it takes minutes on a CPU
+host."""
 
 import importlib.util
 
@@ -52,8 +53,9 @@ def test_speculative_step_compiles_on_a_tensor_expert_mesh():
 
 
 def test_fp8_sequence_sharded_step_compiles_with_the_mosaic_kernels():
-    """One 256K-token request, its FP8 cache (the TPU layout: values packed in uint32, rope padded to 128 lanes,
-    bf16 indexer keys) split over context x expert (4 shards), heads over tensor: the Mosaic kernels lower
+    """One 256K-token request, its FP8 cache (the TPU layout: values packed in uint32, the rope tails of two
+    positions per 128-lane row, int8 indexer keys packed four positions per uint32 word along the sequence)
+    split over context x expert (4 shards), heads over tensor: the Mosaic kernels lower
     inside the sharded attention, each chip holds a quarter of the sequence, and the step updates the cache
     in place. No cache buffer is relayouted on the way: the temporaries stay under half the cache (one copy
     of the largest latent buffer would take them past it)."""
@@ -67,11 +69,35 @@ def test_fp8_sequence_sharded_step_compiles_with_the_mosaic_kernels():
     print(report.table())
     assert report.seq_split == 4 and report.slot_split == 1 and report.mosaic_kernels > 0
     per_token = bytes_per_token(cfg, mtp=True, quant="fp8", lane_padded=True)
-    assert per_token == 3 * (512 + 4 + 128 * 2) + 2 * 128 * 2
+    assert per_token == 3 * (512 + 4 + 64 * 2) + 2 * (128 + 4)
     assert report.cache_bytes == per_token * max_len // 4
     assert report.aliased_bytes >= report.cache_bytes + report.state_bytes
     assert report.temp_bytes < report.cache_bytes / 2
     assert "KV cache, fp8 (1 of 1 slots x 65,536 of 262,144 tokens)" in report.table()
+
+
+def test_paged_fp8_step_compiles_with_its_pools_split_over_the_slot_groups():
+    """A paged FP8 cache (pages of 256 tokens, as many as 4 full slots take) on the tensor x expert mesh: each
+    slot group's chips hold its half of the pools and of the page table, the step updates them in place, and
+    reading keys and rows through the table copies no pool (one latent pool's copy would take the
+    temporaries past half the cache)."""
+    import benchmarks.tpu_aot  # noqa: F401
+    from glmjax.serve.compile_only import compile_serve_step
+
+    cfg, max_len, pages = small_glm52(), 65536, SLOTS * 65536 // 256
+    report = compile_serve_step(cfg, TOPOLOGY, MESH, slots=SLOTS, max_len=max_len, k=K, kv_quant="fp8",
+                                page_size=256)
+    print(report.table())
+    per_token = bytes_per_token(cfg, mtp=True, quant="fp8", lane_padded=True)
+    assert per_token == 3 * (512 + 4 + 64 * 2) + 2 * (128 + 4) == bytes_per_token(cfg, mtp=True, quant="fp8")
+    table = SLOTS * (max_len // 256) * 4 // MESH["expert"]  # int32 page table, its rows split with the slots
+    assert report.cache_bytes == per_token * pages * 256 // MESH["expert"] + table
+    assert report.aliased_bytes >= report.cache_bytes + report.state_bytes
+    assert report.temp_bytes < report.cache_bytes / 2 and report.mosaic_kernels > 0
+    assert "KV cache, fp8, paged (512 of 1,024 pages of 256 tokens + table)" in report.table()
+    with pytest.raises(ConfigError, match="not split over the sequence"):
+        compile_serve_step(cfg, "v5p:2x2x2", {"context": 2, "tensor": 2, "expert": 2}, slots=SLOTS,
+                           max_len=max_len, k=K, page_size=256)
 
 
 def test_slots_must_split_over_the_batch_axes():

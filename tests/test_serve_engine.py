@@ -71,25 +71,22 @@ def test_cache_and_speculative_greedy_equal_the_reference(model, prompts, refere
 
 
 # Sequence-sharded caches: every slot's keys split over context (and expert, for one long request: its slots
-# are then not split), heads over tensor, slots over expert. The context 4 case runs the FP8 cache.
-SHARDED = {"context2": ({"context": 2, "tensor": 2, "expert": 2}, ("context",), 3, "none"),
-           "context4-fp8": ({"context": 4, "tensor": 2}, ("context",), 3, "fp8"),
-           "context8": ({"context": 8}, ("context",), 3, "none"),
-           "context8-plain": ({"context": 8}, ("context",), 0, "none"),
-           "context2xexpert2": ({"context": 2, "expert": 2, "tensor": 2}, ("context", "expert"), 3, "none")}
+# are then not split), heads over tensor, slots over expert. (An FP8 cache split over context 4:
+# test_tpu_fp8_layout_gives_the_reference_fp8_tokens.)
+SHARDED = {"context2": ({"context": 2, "tensor": 2, "expert": 2}, ("context",), 3),
+           "context8": ({"context": 8}, ("context",), 3),
+           "context8-plain": ({"context": 8}, ("context",), 0),
+           "context2xexpert2": ({"context": 2, "expert": 2, "tensor": 2}, ("context", "expert"), 3)}
 
 
-@pytest.mark.parametrize("shape,kv_axes,k,quant", SHARDED.values(), ids=SHARDED.keys())
-def test_sequence_sharded_cache_gives_the_unsharded_tokens(model, prompts, reference, shape, kv_axes, k, quant):
+@pytest.mark.parametrize("shape,kv_axes,k", SHARDED.values(), ids=SHARDED.keys())
+def test_sequence_sharded_cache_gives_the_unsharded_tokens(model, prompts, reference, shape, kv_axes, k):
     """On 8 devices with the cache split over the sequence (8 to 32 positions per shard against index_topk 16:
     one shard may hold a query's whole top-k), speculative greedy decoding (its verification is the target's
-    greedy decoding of k + 1 tokens) and plain decoding give the unsharded engine's tokens: the reference's,
-    or for the FP8 cache (rows quantized as written: the same numbers on any mesh) the unsharded FP8
-    engine's. The cache is split as asked."""
+    greedy decoding of k + 1 tokens) and plain decoding give the unsharded engine's tokens (the reference's).
+    The cache is split as asked."""
     want, stop = reference
-    config = EngineConfig(num_speculative_tokens=k, kv_seq_axes=kv_axes, kv_quant=quant, **ENGINE)
-    if quant != "none":
-        want = [c.tokens for c in Engine(model, config).generate(requests(prompts, stop))]
+    config = EngineConfig(num_speculative_tokens=k, kv_seq_axes=kv_axes, **ENGINE)
     mesh = make_mesh(shape)
     engine = Engine(shard_model(load(), mesh), config, mesh=mesh)
     assert [c.tokens for c in engine.generate(requests(prompts, stop))] == want
@@ -97,6 +94,33 @@ def test_sequence_sharded_cache_gives_the_unsharded_tokens(model, prompts, refer
     local = ENGINE["max_len"] // shards  # sequence axes: latent [G, L, B, S, ...] 3, index keys [G, B, S, ...] 2
     assert all(a.addressable_shards[0].data.shape[3] == local for a in jax.tree.leaves(engine.cache.latent))
     assert all(a.addressable_shards[0].data.shape[2] == local for a in jax.tree.leaves(engine.cache.index_keys))
+
+
+@pytest.fixture(scope="module")
+def fp8_reference(model, prompts, reference):
+    """The FP8 cache's tokens with the reference kernels on one device (int8 indexer keys, fp8 latent rows)."""
+    config = EngineConfig(num_speculative_tokens=3, kv_quant="fp8", **ENGINE)
+    return [c.tokens for c in Engine(model, config).generate(requests(prompts, reference[1]))]
+
+
+@pytest.mark.parametrize("layout", ["context4", "paged"])
+def test_tpu_fp8_layout_gives_the_reference_fp8_tokens(prompts, reference, fp8_reference, layout):
+    """The FP8 cache as TPU serving holds it (latent values packed in uint32 words, the rope tails of 8
+    positions folded into a 128-lane row here, int8 indexer keys packed four positions per word along the
+    sequence), read by the Pallas TPU kernels (interpret mode), gives the reference kernels' FP8 tokens with
+    speculative decoding (k = 3): split over context 4 (x tensor 2; 16 positions, 4 key words per shard), and
+    paged (pages of 8: 2 key words, 1 rope row) on one device. Rows are quantized as written, so the numbers
+    are the same on any mesh and in any layout."""
+    config = dict(num_speculative_tokens=3, kv_quant="fp8", **ENGINE)
+    model = load(attention_impl="pallas_tpu", interpret=True)
+    if layout == "paged":
+        engine = Engine(model, EngineConfig(page_size=8, num_pages=12, **config))
+    else:
+        mesh = make_mesh({"context": 4, "tensor": 2})
+        engine = Engine(shard_model(model, mesh), EngineConfig(kv_seq_axes=("context",), **config), mesh=mesh)
+        keys = engine.cache.index_keys[0]
+        assert keys.sequence_packed and keys.values.addressable_shards[0].data.shape[2] == ENGINE["max_len"] // 16
+    assert [c.tokens for c in engine.generate(requests(prompts, reference[1]))] == fp8_reference
 
 
 def test_mtp_drafts_equal_the_multi_step_mtp_of_training(model, prompts):

@@ -313,7 +313,7 @@ class MLAttention(nnx.Module):
             pages, kvalid = _local_pages(pages, kvalid, page, kv.shape[1] // page, pool_axes)
         merge_axes = kv_axes or pool_split
         if iq is not None and pages is not None:  # the indexer scores every key: in logical order
-            ik = jax.tree.map(lambda pool: _paged_view(pool, pages, page), ik)
+            ik = _paged_keys(ik, pages, page)
         if iq is not None:
             psum_scores = (lambda s: jax.lax.psum(s, index_head_axes)) if index_head_axes else None
             ik, ik_scale = (ik.values, ik.scale) if isinstance(ik, QuantizedRows) else (ik, None)
@@ -356,6 +356,14 @@ def _pool_rows(indices: jax.Array, pages: jax.Array, page: int) -> jax.Array:
     safe = jnp.maximum(indices, 0)
     page_ids = jax.vmap(lambda table, i: table[i])(pages, safe // page)
     return jnp.where((indices >= 0) & (page_ids >= 0), page_ids * page + safe % page, -1)
+
+
+def _paged_keys(pool, pages: jax.Array, page: int):
+    """_paged_view of an indexer-key pool: an array or QuantizedRows (a sequence-packed one's words hold
+    page / 4 rows of words per page)."""
+    if isinstance(pool, QuantizedRows) and pool.sequence_packed:
+        return QuantizedRows(_paged_view(pool.values, pages, page // 4), _paged_view(pool.scale, pages, page))
+    return jax.tree.map(lambda a: _paged_view(a, pages, page), pool)
 
 
 def _paged_view(pool: jax.Array, pages: jax.Array, page: int) -> jax.Array:

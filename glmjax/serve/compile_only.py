@@ -35,7 +35,7 @@ from glmjax.model.options import ModelOptions
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.serve import steps
 from glmjax.serve.engine import SERVE_RULES, index_key_dtype, jit_program, slot_shardings
-from glmjax.serve.kv_cache import Quant, cache_shapes
+from glmjax.serve.kv_cache import Quant, cache_shapes, position_alignment
 from glmjax.serve.sampling import SamplingArrays
 from glmjax.sharding import (
     logical_rules,
@@ -60,7 +60,8 @@ class ServeCompileReport:
     (k + 1), or the prefill chunk). Byte counts are per chip: weights (bf16 parameters as placed by the
     rules), cache ([G, L, slots / slot_split, max_len / seq_split, 640] latents, indexer keys, the MTP
     layer's; seq_split: devices every slot's sequence is split over, the rules' "kv_seq" axes; kv_quant
-    "fp8": the FP8 layout of glmjax.serve.kv_cache), state
+    "fp8": the FP8 layout of glmjax.serve.kv_cache; page_size: a paged cache of num_pages pages instead, its
+    pools split like the slots, plus the page table), state
     (SlotState), temporaries (the compiler's temp_size), outputs (those that alias no donated input: the
     tokens); aliased_bytes: the donated input bytes the outputs reuse (>= cache + state when the donation
     took). total_bytes is what the chip holds at the step's peak: weights + cache + state + temporaries +
@@ -77,6 +78,8 @@ class ServeCompileReport:
     seq_split: int
     max_len: int
     kv_quant: str
+    page_size: int | None
+    num_pages: int | None
     k: int
     tokens: int
     hbm_bytes: float | None
@@ -98,18 +101,22 @@ class ServeCompileReport:
         mesh = " x ".join(f"{a} {n}" for a, n in self.mesh) or "one chip"
         what = {"speculative": f"verify {self.k} drafts + draft {self.k}", "decode": "one token",
                 "prefill": f"one {self.tokens}-token chunk"}[self.program]
-        rows = [("weights (bf16)", self.weight_bytes),
-                (f"KV cache, {'fp8' if self.kv_quant == 'fp8' else 'bf16'} ({self.slots // self.slot_split} of "
-                 f"{self.slots} slots x {self.max_len // self.seq_split:,} of {self.max_len:,} tokens)",
-                 self.cache_bytes),
+        fmt = "fp8" if self.kv_quant == "fp8" else "bf16"
+        if self.page_size:
+            held = (f"KV cache, {fmt}, paged ({self.num_pages // self.slot_split:,} of {self.num_pages:,} pages of "
+                    f"{self.page_size} tokens + table)")
+        else:
+            held = (f"KV cache, {fmt} ({self.slots // self.slot_split} of {self.slots} slots x "
+                    f"{self.max_len // self.seq_split:,} of {self.max_len:,} tokens)")
+        rows = [("weights (bf16)", self.weight_bytes), (held, self.cache_bytes),
                 ("slot state", self.state_bytes), ("temporaries", self.temp_bytes),
                 ("outputs (tokens)", self.output_bytes), ("total per chip", self.total_bytes)]
         lines = [f"{self.topology}: {self.chips} chips ({self.device_kind}), mesh {mesh}; "
                  f"{self.program} step ({what})"]
-        lines += [f"  {k:<62s} {v / GiB:9.2f} GiB" for k, v in rows]
+        lines += [f"  {k:<64s} {v / GiB:9.2f} GiB" for k, v in rows]
         if self.hbm_bytes:
             free = 1 - self.total_bytes / self.hbm_bytes
-            lines.append(f"  {'HBM per chip':<62s} {self.hbm_bytes / GiB:9.2f} GiB  ({100 * free:.1f}% headroom)")
+            lines.append(f"  {'HBM per chip':<64s} {self.hbm_bytes / GiB:9.2f} GiB  ({100 * free:.1f}% headroom)")
         donated = self.cache_bytes + self.state_bytes
         lines.append(f"  cache and state updated in place: {'yes' if self.aliased_bytes >= donated else 'NO'} "
                      f"({self.aliased_bytes / GiB:.2f} of {donated / GiB:.2f} GiB aliased)")
@@ -131,7 +138,8 @@ def serve_options(dtype=jnp.bfloat16, scan_layers: bool = False) -> ModelOptions
 def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mapping[str, int], *, slots: int,
                        max_len: int, k: int, dtype=jnp.bfloat16, program: Program = "speculative",
                        prefill_chunk: int = 4096, rules: Mapping[str, tuple[str, ...]] = SERVE_RULES,
-                       scan_layers: bool = False, kv_quant: Quant = "none") -> ServeCompileReport:
+                       scan_layers: bool = False, kv_quant: Quant = "none", page_size: int | None = None,
+                       num_pages: int | None = None) -> ServeCompileReport:
     """Compiles one serving step of `config` for every chip of `topology` (e.g. "v5p:4x4x4") under a mesh of
     `mesh_shape` (e.g. {"tensor": 4, "expert": 16}; its sizes must multiply to the topology's chips).
 
@@ -143,7 +151,9 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
     over context; engine.serve_rules(("context", "expert")) splits it over expert too; DEFAULT_RULES would
     FSDP-split the non-expert weights over expert and all-gather them every step). scan_layers: see
     ModelOptions (the engine serves unscanned layers). kv_quant "fp8": the FP8 cache (int8 indexer keys for the
-    TPU kernels; glmjax.serve.kv_cache). -> ServeCompileReport."""
+    TPU kernels; glmjax.serve.kv_cache). page_size: a paged cache (glmjax.serve.kv_cache) of num_pages pages
+    (default slots x max_len / page_size), its pools split over the batch axes like the engine's; not with a
+    cache split over the sequence. -> ServeCompileReport."""
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
@@ -159,9 +169,19 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
     if slots % split:
         raise ConfigError(f"slots: {slots} slots do not split over the mesh's batch axes {list(batch_axes)} "
                           f"({split} devices); use a multiple of {split}")
-    if max_len % seq_split:
+    align = position_alignment(config, kv_quant, lane_padded=True)  # positions per packed row of the FP8 layout
+    if max_len % (seq_split * align):
         raise ConfigError(f"max_len: {max_len} positions do not split over the cache's sequence axes "
-                          f"{list(seq_axes)} ({seq_split} devices)")
+                          f"{list(seq_axes)} ({seq_split} devices{f' x {align} per packed row' if align > 1 else ''})")
+
+    if page_size is not None:
+        num_pages = num_pages or slots * max_len // page_size
+        if seq_split > 1:
+            raise ConfigError(f"page_size: a paged cache is not split over the sequence (kv_seq axes {list(seq_axes)}, "
+                              f"{seq_split} devices); use a mesh without them, or the slot cache")
+        if num_pages % split:
+            raise ConfigError(f"num_pages: {num_pages} pages do not split over the mesh's {split} slot groups; use a "
+                              f"multiple of {split}")
 
     options = serve_options(dtype, scan_layers)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -170,7 +190,8 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
     params_sd = with_shardings(params, param_shardings(model, mesh, rules))
 
     cache = cache_shapes(config, slots, max_len, mtp=bool(k), dtype=dtype, lane_padded=True,
-                         scan_layers=scan_layers, quant=kv_quant, key_dtype=index_key_dtype(options))
+                         scan_layers=scan_layers, quant=kv_quant, key_dtype=index_key_dtype(options),
+                         page_size=page_size, num_pages=num_pages)
     state = jax.eval_shape(lambda: steps.init_state(slots, k, config.vocab_size, False))
     with logical_rules(rules):
         cache_sh, state_sh = slot_shardings(cache, state, mesh, rules)
@@ -205,7 +226,8 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
     return ServeCompileReport(
         program=name, topology=topology, chips=len(devices), device_kind=kind,
         mesh=tuple((a, int(s)) for a, s in mesh.shape.items() if s > 1), slots=slots, slot_split=split,
-        seq_split=seq_split, max_len=max_len, kv_quant=kv_quant, k=k, tokens=tokens,
+        seq_split=seq_split, max_len=max_len, kv_quant=kv_quant, page_size=page_size,
+        num_pages=num_pages if page_size is not None else None, k=k, tokens=tokens,
         hbm_bytes=None if hbm is None else hbm * GiB,
         weight_bytes=shard_bytes(params_sd), cache_bytes=shard_bytes(cache_sd), state_bytes=shard_bytes(state_sd),
         temp_bytes=int(ma.temp_size_in_bytes), aliased_bytes=int(ma.alias_size_in_bytes),

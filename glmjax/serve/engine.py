@@ -28,7 +28,7 @@ from glmjax.errors import InputError
 from glmjax.model.options import ModelOptions
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.serve import steps
-from glmjax.serve.kv_cache import KVCache, Quant, init_cache
+from glmjax.serve.kv_cache import KVCache, Quant, init_cache, position_alignment
 from glmjax.serve.paging import PageAllocator
 from glmjax.serve.requests import Request, fold_seed
 from glmjax.serve.sampling import sampling_arrays
@@ -183,8 +183,8 @@ def slot_shardings(cache: KVCache, state: steps.SlotState, mesh: Mesh, rules=SER
 
 def index_key_dtype(options: ModelOptions):
     """The 8-bit dtype of quantized indexer keys: float8_e4m3fn for the GPU scores kernel (its FP8 tensor-core
-    path), int8 otherwise (the TPU layout keeps its keys bf16: glmjax.serve.kv_cache; the TPU kernel takes
-    int8 keys). int8 is the more accurate of the two for LayerNormed
+    path), int8 otherwise (the TPU layout packs them four positions to a uint32 word: glmjax.serve.kv_cache).
+    int8 is the more accurate of the two for LayerNormed
     keys (a uniform step of amax / 127 against e4m3's 3-bit mantissa): on the demo model its logit KL against
     the bf16 cache is 4x lower (benchmarks/kv_fp8_error.py)."""
     if options.attention_impl != "reference" and kernel_family(options.attention_impl, options.interpret) == "gpu":
@@ -251,10 +251,14 @@ class Engine:
                                      f"{n} slot groups; use a multiple of {n}")
             self._slot_groups = n
             m = mesh_size(mesh_axes("kv_seq", mesh), mesh)
-            if self.config.max_len % m:
+            # The TPU FP8 layout packs several positions per stored row: a shard holds whole rows.
+            align = position_alignment(self.model.config, self.config.kv_quant,
+                                       self.model.options.attention_impl == "pallas_tpu")
+            if self.config.max_len % (m * align):
                 raise InputError(f"max_len: {self.config.max_len} positions do not split over the cache's "
-                                 f"sequence axes {list(mesh_axes('kv_seq', mesh))} ({m} devices); use a "
-                                 f"multiple of {m}")
+                                 f"sequence axes {list(mesh_axes('kv_seq', mesh))} ({m} devices"
+                                 f"{f' x {align} positions per packed row' if align > 1 else ''}); use a multiple "
+                                 f"of {m * align}")
             shard_model(self.model, mesh, self.rules)
             self.cache, self.state = jax.device_put((self.cache, self.state),
                                                     slot_shardings(self.cache, self.state, mesh, self.rules))

@@ -30,13 +30,19 @@ in float8_e4m3fn with one float32 scale per row, the p rope values in `dtype` (t
 arrays); every indexer-key buffer is QuantizedRows of int8 (the reference) or float8_e4m3fn (the GPU
 kernels) keys with per-token scales. Rows are quantized as they are written; the kernels read only the
 selected rows and dequantize them. The TPU layout (lane_padded) keeps every array lane-dense and 32-bit
-tiled, so that writing a row never relayouts a buffer: the fp8 values packed four to a uint32 [.., r / 4],
-the rope tail padded to W - r = 128, and the indexer keys left in `dtype` (8-bit rows would be copied
-whole on every write; they are 5% of the cache).
+tiled, so that writing a row never relayouts a buffer (an 8-bit array, or a 64-lane one, would be copied
+whole on every write): the fp8 values packed four to a uint32 [.., r / 4], the rope tails of 128 / p
+positions folded into one 128-lane row ([.., S / 2, 128] for GLM-5.2; quantize.fold_rows: the sparse MLA
+gather reads row s // 2 and takes its half), and the int8 indexer keys packed four positions to a uint32
+word along the sequence ([.., S / 4, DI]: quantize.pack_sequence, which the TPU scores kernel unpacks in
+VMEM). A write reads and rewrites the few packed rows it touches. max_len, a page and a sequence shard then
+hold a multiple of position_alignment (4 for GLM-5.2) positions. The layout takes as many bytes per token as
+the GPU one.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -45,7 +51,17 @@ import jax.numpy as jnp
 from glmjax.config import GlmMoeDsaConfig
 from glmjax.model.attention import Keys, Projection
 from glmjax.model.decoder import plan_segments
-from pallas_kernels.quantize import FP8, QuantizedRows, quantize_rows, take_rows
+from pallas_kernels.quantize import (
+    FP8,
+    QuantizedRows,
+    fold_rows,
+    pack_sequence,
+    quantize,
+    quantize_rows,
+    take_rows,
+    unfold_rows,
+    unpack_sequence,
+)
 
 Quant = Literal["none", "fp8"]
 
@@ -87,6 +103,20 @@ def latent_width(cfg: GlmMoeDsaConfig, lane_padded: bool) -> int:
     return -(-w // 128) * 128 if lane_padded else w
 
 
+def rope_fold(cfg: GlmMoeDsaConfig, quant: Quant, lane_padded: bool) -> int:
+    """Positions per stored rope row: in the TPU FP8 layout 128 / p, so that the rope values of that many
+    positions fill one 128-lane row (GLM-5.2: 2 x 64); 1 otherwise (or when p does not divide 128: the tail
+    is then padded to 128 lanes)."""
+    p = cfg.qk_rope_head_dim
+    return 128 // p if quant == "fp8" and lane_padded and 128 % p == 0 else 1
+
+
+def position_alignment(cfg: GlmMoeDsaConfig, quant: Quant, lane_padded: bool) -> int:
+    """max_len, a page and a sequence shard must hold a multiple of this many positions: in the TPU FP8 layout
+    the int8 indexer keys pack 4 positions per word and the rope rows rope_fold positions; 1 otherwise."""
+    return math.lcm(4, rope_fold(cfg, quant, lane_padded)) if quant == "fp8" and lane_padded else 1
+
+
 def cache_shapes(cfg: GlmMoeDsaConfig, slots: int, max_len: int, *, mtp: bool, dtype=jnp.bfloat16,
                  lane_padded: bool = False, scan_layers: bool = True, quant: Quant = "none",
                  key_dtype=jnp.int8, page_size: int | None = None, num_pages: int | None = None) -> KVCache:
@@ -99,20 +129,29 @@ def cache_shapes(cfg: GlmMoeDsaConfig, slots: int, max_len: int, *, mtp: bool, d
     if page_size is not None and (page_size < 1 or max_len % page_size or not num_pages or num_pages < 1):
         raise ValueError(f"paged cache: max_len {max_len} must be a multiple of page_size {page_size}, and "
                          f"num_pages ({num_pages}) >= 1")
+    align = position_alignment(cfg, quant, lane_padded)
+    if (page_size or max_len) % align:
+        raise ValueError(f"FP8 cache, TPU layout: the {'page size' if page_size else 'max_len'} {page_size or max_len} "
+                         f"must be a multiple of {align} (positions per packed key word and folded rope row)")
     r, p, DI = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim
     W = latent_width(cfg, lane_padded)
     sds = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, jnp.dtype(dt))  # noqa: E731
 
+    fold = rope_fold(cfg, quant, lane_padded)
+
     def latent(*lead):
         if quant == "none":
             return sds(*lead, W)
-        if lane_padded:  # TPU: values packed in uint32, the rope tail padded to a lane-dense W - r
-            return QuantizedRows(sds(*lead, r // 4, dt=jnp.uint32), sds(*lead, dt=jnp.float32), sds(*lead, W - r))
+        if lane_padded:  # TPU: values packed in uint32; the rope tails of `fold` positions per 128-lane row
+            tail = sds(*lead[:-1], lead[-1] // fold, fold * p) if fold > 1 else sds(*lead, W - r)
+            return QuantizedRows(sds(*lead, r // 4, dt=jnp.uint32), sds(*lead, dt=jnp.float32), tail)
         return QuantizedRows(sds(*lead, r, dt=FP8), sds(*lead, dt=jnp.float32), sds(*lead, p))
 
     def keys(*lead):
-        if quant == "none" or lane_padded:  # TPU: 8-bit key rows would be relayouted on every write
+        if quant == "none":
             return sds(*lead, DI)
+        if lane_padded:  # TPU: int8 keys packed four positions to a uint32 word along the sequence
+            return QuantizedRows(sds(*lead[:-1], lead[-1] // 4, DI, dt=jnp.uint32), sds(*lead, dt=jnp.float32))
         return QuantizedRows(sds(*lead, DI, dt=key_dtype), sds(*lead, dt=jnp.float32))
 
     segments = plan_segments(cfg, scan_layers)
@@ -148,9 +187,10 @@ def cache_bytes(cache: KVCache) -> int:
 
 def bytes_per_token(cfg: GlmMoeDsaConfig, *, mtp: bool, dtype=jnp.bfloat16, lane_padded: bool = False,
                     quant: Quant = "none", key_dtype=jnp.int8) -> int:
-    """Cache bytes one token of one sequence occupies."""
-    return cache_bytes(cache_shapes(cfg, 1, 1, mtp=mtp, dtype=dtype, lane_padded=lane_padded, quant=quant,
-                                    key_dtype=key_dtype))
+    """Cache bytes one token of one sequence occupies (of position_alignment tokens: packed rows hold several)."""
+    n = position_alignment(cfg, quant, lane_padded)
+    return cache_bytes(cache_shapes(cfg, 1, n, mtp=mtp, dtype=dtype, lane_padded=lane_padded, quant=quant,
+                                    key_dtype=key_dtype)) // n
 
 
 class Rows(NamedTuple):
@@ -186,23 +226,55 @@ def _scatter(buf, index: tuple, rows: Rows, new: jax.Array):
     padding, or a verification at the end of a slot). new [B, T, D]; a QuantizedRows buf gets the rows
     quantized."""
     if isinstance(buf, QuantizedRows):
+        if buf.sequence_packed:
+            values, scale = quantize(new, jnp.int8)
+            return QuantizedRows(_scatter_grouped(buf.values, index, rows, values, 4, unpack_sequence, pack_sequence),
+                                 _scatter(buf.scale, index, rows, scale))
         parts = quantize_rows(new, buf.quantized_dims, buf.values.dtype, None if buf.tail is None else buf.tail.dtype)
-        return QuantizedRows(*(None if b is None else _scatter(b, index, rows, n)
-                               for b, n in zip(buf, parts, strict=True)))
-    B, T = new.shape[:2]
+        tail, n = buf.tail, buf.tail_fold
+        if n > 1:
+            tail = _scatter_grouped(tail, index, rows, parts.tail, n, lambda x: unfold_rows(x, n),
+                                    lambda x: fold_rows(x, n))
+        elif tail is not None:
+            tail = _scatter(tail, index, rows, parts.tail)
+        return QuantizedRows(_scatter(buf.values, index, rows, parts.values),
+                             _scatter(buf.scale, index, rows, parts.scale), tail)
     new = new.astype(buf.dtype)
     if new.ndim == 3 and new.shape[-1] < buf.shape[-1]:  # lane padding
         new = jnp.pad(new, ((0, 0), (0, 0), (0, buf.shape[-1] - new.shape[-1])))
-    pos = rows.positions(T)
+    return buf.at[_address(buf, index, rows, rows.positions(new.shape[1]))].set(new, mode="drop")
+
+
+def _address(buf, index: tuple, rows: Rows, pos: jax.Array) -> tuple:
+    """The index into buf of rows [B, n] of the call's slots at row positions pos [B, n] (rows of buf: token
+    positions, or the packed rows of a buffer holding several positions per row). Out of bounds where a paged
+    slot has no page there or pos is past the table: a scatter drops those rows."""
     if rows.pages is None:
-        slots = jnp.arange(B, dtype=jnp.int32) if rows.slots is None else rows.slots
-        return buf.at[index + (slots[:, None], pos)].set(new, mode="drop")
-    # Paged: (page, row in page) through the table; no page (-1) or past the table: out of bounds, dropped.
+        slots = jnp.arange(pos.shape[0], dtype=jnp.int32) if rows.slots is None else rows.slots
+        return index + (slots[:, None], pos)
+    # Paged: (page, row in page) through the table; no page (-1) or past the table: out of bounds.
     num_pages, page = buf.shape[len(index)], buf.shape[len(index) + 1]
     logical = pos // page
     ids = jnp.take_along_axis(rows.pages, jnp.minimum(logical, rows.pages.shape[1] - 1), axis=1)
     ids = jnp.where((logical < rows.pages.shape[1]) & (ids >= 0), ids, num_pages)
-    return buf.at[index + (ids, pos % page)].set(new, mode="drop")
+    return index + (ids, pos % page)
+
+
+def _scatter_grouped(buf, index: tuple, rows: Rows, new: jax.Array, n: int, unpack, pack):
+    """_scatter for a buffer whose rows each hold n consecutive positions (int8 keys packed in uint32 words,
+    n = 4; a folded rope tail, n = 128 / p), new [B, T, ...] in the unpacked form. unpack: [B, m, ...stored]
+    -> [B, n m, ...]; pack its inverse. The stored rows the new rows touch are read, their new positions
+    replaced, and written back whole: positions before start_b keep their values."""
+    T = new.shape[1]
+    m = (T + 2 * n - 2) // n  # the most stored rows T consecutive positions can touch (from any offset)
+    first = (rows.start // n)[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]  # [B, m]
+    at = _address(buf, index, rows, first)
+    old = unpack(buf.at[at].get(mode="fill", fill_value=0))  # [B, n m, ...]
+    t = (n * first)[:, :, None] + jnp.arange(n, dtype=jnp.int32) - rows.start[:, None, None]
+    t = t.reshape(t.shape[0], n * m)  # each unpacked position's index among the new rows
+    ours = jnp.take_along_axis(new, jnp.clip(t, 0, T - 1).reshape(*t.shape, *(1,) * (new.ndim - 2)), axis=1)
+    inside = ((t >= 0) & (t < T)).reshape(*t.shape, *(1,) * (new.ndim - 2))
+    return buf.at[at].set(pack(jnp.where(inside, ours, old)), mode="drop")
 
 
 class LayerWriter:

@@ -17,6 +17,7 @@ from pallas_kernels.common import check_q_block, kernel_family, map_query_blocks
 from pallas_kernels.dsa_indexer.loss_terms import indexer_scores_at
 from pallas_kernels.dsa_indexer.reference import indexer_scores_block, indexer_topk_reference
 from pallas_kernels.dsa_indexer.topk import exact_topk, sharded_topk
+from pallas_kernels.quantize import QuantizedRows, dequantize
 
 __all__ = ["indexer_scores", "indexer_scores_at", "indexer_topk", "select_topk"]
 
@@ -31,8 +32,11 @@ def _scores(family: str, interpret: bool, q, k, w, key_valid, query_index, query
 
 
 def _dequantized(k, k_scale):
-    """The reference's keys: quantized keys times their per-token scales (float32), else k as it is."""
-    return k if k_scale is None else k.astype(jnp.float32) * k_scale[..., None]
+    """The reference's keys: quantized keys (int8, fp8, or int8 packed along the sequence in uint32) times
+    their per-token scales (float32), else k as it is."""
+    if k_scale is None:
+        return k
+    return dequantize(QuantizedRows(k, k_scale), jnp.float32)
 
 
 def _select(family: str, interpret: bool, scores, k: int, key_shards: tuple[str, ...] = ()):
@@ -51,7 +55,8 @@ def indexer_scores(q, k, w, *, key_valid, query_index, scale: float, impl: str =
                    interpret: bool = False, query_start=None, k_scale=None):
     """Scores [B,T,S] float32 (-inf where masked) of one query block, not chunked (see indexer_topk for that).
 
-    q [B,T,H,D], k [B,S,D] (int8 on TPU / float8_e4m3fn on GPU with k_scale [B,S] f32), w [B,T,H] f32,
+    q [B,T,H,D], k [B,S,D] (int8 on TPU / float8_e4m3fn on GPU with k_scale [B,S] f32; on TPU int8 packed
+    along the sequence, uint32 [B,S/4,D]: quantize.pack_sequence), w [B,T,H] f32,
     key_valid [B,S] bool, query_index [B,T] int32, query_start [B,T] int32 or None (see
     `indexer_topk_reference`). impl: "reference" or a Pallas impl (see common.kernel_family)."""
     if impl == "reference":

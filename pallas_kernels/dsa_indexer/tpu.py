@@ -11,9 +11,12 @@ entirely after the last query of the tile (causal), or entirely before the small
 tile (packed sequences), is written as -inf without any compute: the per-tile largest query index and
 smallest query start come in by scalar prefetch.
 
-Quantized keys (the serving cache): int8 keys with a per-token float32 scale. The key tile is converted to
-the query dtype for the MXU and the scale multiplies each key's column before the relu (relu(c a) = c
-relu(a) for c > 0), so no dequantized copy of the cache exists.
+Quantized keys (the serving cache): int8 keys with a per-token float32 scale, either as an int8 array or
+packed four tokens to a uint32 word along the sequence (`quantize.pack_sequence`, [B, S / 4, D]: the
+serving cache's TPU layout, which a row write never relayouts); a packed tile [block_k / 4, D] is unpacked
+by `pltpu.bitcast` into the int8 tile [block_k, D]. The key tile is converted to the query dtype for the
+MXU and the scale multiplies each key's column before the relu (relu(c a) = c relu(a) for c > 0), so no
+dequantized copy of the cache exists.
 
 VMEM per step at the tuned blocks (block_q = 16, block_k = 2048, H = 32, D = 128, bf16):
 q 16*32*128*2 = 128 KiB, k 2048*128*2 = 512 KiB, logits 512*2048*4 = 4 MiB, out 16*2048*4 = 128 KiB;
@@ -55,7 +58,10 @@ def _kernel(qmax_ref, qmin_ref, q_ref, k_ref, w_ref, valid_ref, qi_ref, qs_ref, 
     def _compute():
         bq, H, D = q_ref.shape[1:]
         q = q_ref[0].reshape(bq * H, D)
-        k = k_ref[0].astype(q.dtype)
+        k = k_ref[0]
+        if k.dtype == jnp.uint32:  # four int8 keys per word along the sequence
+            k = pltpu.bitcast(k, jnp.int8)
+        k = k.astype(q.dtype)
         logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:
             logits = logits * ks_ref[0]  # [1, block_k] per-key scale
@@ -68,15 +74,19 @@ def _kernel(qmax_ref, qmin_ref, q_ref, k_ref, w_ref, valid_ref, qi_ref, qs_ref, 
 
 def indexer_scores_tpu(q, k, w, key_valid, query_index, *, scale: float, blocks: IndexerScoresTpuBlocks,
                        query_start=None, k_scale=None, interpret: bool = False):
-    """q [B,T,H,D], k [B,S,D] (or int8 with k_scale [B,S] f32), w [B,T,H] f32, key_valid [B,S] bool,
-    query_index [B,T] int32, query_start [B,T] int32 or None -> scores [B,T,S] float32 (-inf where masked)."""
+    """q [B,T,H,D], k [B,S,D] (or int8 with k_scale [B,S] f32; or int8 packed as uint32 [B,S/4,D] with
+    k_scale), w [B,T,H] f32, key_valid [B,S] bool, query_index [B,T] int32, query_start [B,T] int32 or None
+    -> scores [B,T,S] float32 (-inf where masked)."""
     if not isinstance(blocks, IndexerScoresTpuBlocks):
         raise TypeError(f"indexer_scores_tpu: blocks must be IndexerScoresTpuBlocks, got {type(blocks).__name__}")
     B, T, H, D = q.shape
-    S = k.shape[1]
     quantized = k_scale is not None
-    if quantized and k.dtype != jnp.int8:
-        raise ValueError(f"indexer_scores_tpu: quantized keys must be int8, got {k.dtype}")
+    pack = 4 if k.dtype == jnp.uint32 else 1
+    S = k.shape[1] * pack
+    if quantized and k.dtype not in (jnp.int8, jnp.uint32):
+        raise ValueError(f"indexer_scores_tpu: quantized keys must be int8 (or packed in uint32), got {k.dtype}")
+    if pack > 1 and (not quantized or k_scale.shape[1] != S):
+        raise ValueError(f"indexer_scores_tpu: packed keys [B, S/4, D] = {k.shape} need k_scale [B, {S}]")
     if not quantized and k.dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(f"indexer_scores_tpu: keys must be bf16/f32 (or int8 with k_scale), got {k.dtype}")
     if query_start is None:
@@ -87,15 +97,15 @@ def indexer_scores_tpu(q, k, w, key_valid, query_index, *, scale: float, blocks:
     w_p = pad_axis(w.astype(jnp.float32), 1, bq)
     qi_p = pad_axis(query_index.astype(jnp.int32), 1, bq, value=-1)  # padded queries see nothing
     qs_p = pad_axis(query_start.astype(jnp.int32), 1, bq, value=NO_START)  # ... nor lower a tile's min start
-    k_p = pad_axis(k, 1, bk)
+    k_p = pad_axis(k, 1, bk // pack)
     valid_p = pad_axis(key_valid.astype(jnp.int32), 1, bk)[:, None, :]  # [B, 1, S]
-    Tp, Sp = q_p.shape[1], k_p.shape[1]
+    Tp, Sp = q_p.shape[1], k_p.shape[1] * pack
     nq, nk = Tp // bq, Sp // bk
     qmax = jnp.max(qi_p.reshape(B, nq, bq), axis=-1)  # [B, nq] scalar-prefetched
     qmin = jnp.min(qs_p.reshape(B, nq, bq), axis=-1)
     in_specs = [
         pl.BlockSpec((1, bq, H, D), lambda b, i, j, *_: (b, i, 0, 0)),
-        pl.BlockSpec((1, bk, D), lambda b, i, j, *_: (b, j, 0)),
+        pl.BlockSpec((1, bk // pack, D), lambda b, i, j, *_: (b, j, 0)),
         pl.BlockSpec((1, bq, H), lambda b, i, j, *_: (b, i, 0)),
         pl.BlockSpec((1, 1, bk), lambda b, i, j, *_: (b, 0, j)),
         pl.BlockSpec((1, bq, 1), lambda b, i, j, *_: (b, i, 0)),

@@ -87,9 +87,9 @@ def _check_shapes(name, q, kv, indices, v_dim, block_k):
     if indices.ndim != 3 or indices.shape[:2] != (B, T):
         raise ValueError(f"{name}: indices {indices.shape} must be [B,T,K] matching q {q.shape}")
     if isinstance(kv, QuantizedRows):
-        if kv.tail is None or kv.tail.dtype != q.dtype or kv.quantized_dims != v_dim or kv.packed:
+        if kv.tail is None or kv.tail.dtype != q.dtype or kv.quantized_dims != v_dim or kv.packed or kv.tail_fold > 1:
             raise ValueError(f"{name}: quantized kv needs its first v_dim ({v_dim}) dims quantized and a tail "
-                             f"(the rope dims) in q's dtype {q.dtype}")
+                             f"(the rope dims) in q's dtype {q.dtype}, unpacked and unfolded (the GPU layout)")
     elif q.dtype != kv.dtype:
         raise ValueError(f"{name}: q ({q.dtype}) and kv ({kv.dtype}) must have the same dtype")
     rope = Dk - v_dim
