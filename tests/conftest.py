@@ -2,7 +2,11 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite's programs are tiny and many: compiling them is most of its time, and LLVM's optimization of the
+# CPU code costs more than it saves. At level 0 the mesh training test takes 40 s instead of 70 and the suite
+# 997 s instead of 1045 with more tests in it (2 cores; every test passes either way). TPU ahead-of-time
+# compiles are unaffected.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import tempfile  # noqa: E402
