@@ -20,6 +20,7 @@ from pallas_kernels.dsa_indexer import indexer_scores, indexer_topk
 from pallas_kernels.dsa_indexer.reference import indexer_scores_block
 from pallas_kernels.dsa_indexer.topk import exact_topk, sharded_topk
 from pallas_kernels.dsa_indexer.tpu import indexer_scores_tpu, kth_largest_key_tpu, quantize_keys_int8
+from pallas_kernels.quantize import pack_sequence
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -168,6 +169,38 @@ def test_tpu_scores_kernel_int8_keys():
     with pytest.raises(ValueError, match="int8"):
         indexer_scores_tpu(q, kq.astype(jnp.float32), w, valid, qi, scale=1.0, k_scale=ks, blocks=TPU_SCORES,
                            interpret=True)
+
+
+@pytest.mark.parametrize("keys", ["bf16", "int8", "packed"])
+def test_tpu_scores_kernel_reads_keys_through_page_tables(keys):
+    """Keys in a pool of pages of 256 read through page tables (scalar-prefetched; a -1 page masked by
+    key_valid) score as the same keys gathered into logical order, for bf16 keys, int8 keys and int8 keys
+    packed four positions per uint32 word; the public op passes the tables to the TPU kernel only."""
+    rng = np.random.default_rng(4)
+    B, T, H, D, page, pool_pages = 2, 4, 4, 128, 256, 7
+    pool = jnp.asarray(rng.normal(size=(1, pool_pages * page, D)), jnp.float32)
+    pages = jnp.asarray([[5, 0, -1], [2, 6, 3]], jnp.int32)
+    S = pages.shape[1] * page
+    valid = np.ones((B, S), bool)
+    valid[0, 2 * page:] = False  # its third page is -1
+    valid[1, -7:] = False
+    q = jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.bfloat16)
+    w = jnp.asarray(rng.uniform(size=(B, T, H)), jnp.float32)
+    qi = jnp.asarray([[500, 501, 502, 503], [700, 701, 702, 703]], jnp.int32)
+    rows = (jnp.maximum(pages, 0)[:, :, None] * page + jnp.arange(page)).reshape(B, S)
+    k, k_scale = pool.astype(jnp.bfloat16), None
+    if keys != "bf16":
+        k, k_scale = quantize_keys_int8(pool)
+    logical = dict(k=k[0][rows], k_scale=None if k_scale is None else k_scale[0][rows])
+    if keys == "packed":
+        k = pack_sequence(k)
+    kw = dict(scale=D**-0.5, blocks=TPU_SCORES, interpret=True)
+    got = indexer_scores_tpu(q, k, w, jnp.asarray(valid), qi, k_scale=k_scale, pages=pages, **kw)
+    want = indexer_scores_tpu(q, logical["k"], w, jnp.asarray(valid), qi, k_scale=logical["k_scale"], **kw)
+    _assert_same_scores(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="Pallas TPU kernel only"):
+        indexer_topk(q, k, w, key_valid=jnp.asarray(valid), query_index=qi, topk=8, scale=1.0, q_block=4,
+                     k_scale=k_scale, pages=pages)
 
 
 def test_public_indexer_scores_dispatch():

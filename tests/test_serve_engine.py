@@ -109,12 +109,15 @@ def test_tpu_fp8_layout_gives_the_reference_fp8_tokens(prompts, reference, fp8_r
     positions folded into a 128-lane row here, int8 indexer keys packed four positions per word along the
     sequence), read by the Pallas TPU kernels (interpret mode), gives the reference kernels' FP8 tokens with
     speculative decoding (k = 3): split over context 4 (x tensor 2; 16 positions, 4 key words per shard), and
-    paged (pages of 8: 2 key words, 1 rope row) on one device. Rows are quantized as written, so the numbers
-    are the same on any mesh and in any layout."""
+    paged on one device (pages of 128, which the TPU scores kernel reads through the page tables: 3 pages for
+    2 slots, so slots and pages do not line up). Rows are quantized as written, so the numbers are the same
+    on any mesh and in any layout."""
     config = dict(num_speculative_tokens=3, kv_quant="fp8", **ENGINE)
     model = load(attention_impl="pallas_tpu", interpret=True)
-    if layout == "paged":
-        engine = Engine(model, EngineConfig(page_size=8, num_pages=12, **config))
+    if layout == "paged":  # the TPU indexer kernel reads pages of >= 128 positions through the tables
+        with pytest.raises(InputError, match="multiple of 128"):
+            Engine(model, EngineConfig(page_size=8, num_pages=16, **config))
+        engine = Engine(model, EngineConfig(**{**config, "max_len": 256}, page_size=128, num_pages=3))
     else:
         mesh = make_mesh({"context": 4, "tensor": 2})
         engine = Engine(shard_model(model, mesh), EngineConfig(kv_seq_axes=("context",), **config), mesh=mesh)

@@ -312,7 +312,10 @@ class MLAttention(nnx.Module):
             page = kvalid.shape[1] // pages.shape[1]
             pages, kvalid = _local_pages(pages, kvalid, page, kv.shape[1] // page, pool_axes)
         merge_axes = kv_axes or pool_split
-        if iq is not None and pages is not None:  # the indexer scores every key: in logical order
+        # The indexer scores every key in logical order: the TPU kernel reads them through the page tables,
+        # the other impls get them gathered.
+        kernel_pages = pages if opts.attention_impl == "pallas_tpu" else None
+        if iq is not None and pages is not None and kernel_pages is None:
             ik = _paged_keys(ik, pages, page)
         if iq is not None:
             psum_scores = (lambda s: jax.lax.psum(s, index_head_axes)) if index_head_axes else None
@@ -321,7 +324,8 @@ class MLAttention(nnx.Module):
                 jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik), jax.lax.stop_gradient(iw), k_scale=ik_scale,
                 key_valid=kvalid, query_index=tok, query_start=start,
                 topk=kvalid.shape[1] if opts.dense_attention else cfg.index_topk,
-                scale=cfg.index_head_dim**-0.5, reduce_scores=psum_scores, key_shards=merge_axes, **common)
+                scale=cfg.index_head_dim**-0.5, reduce_scores=psum_scores, key_shards=merge_axes,
+                pages=kernel_pages, **common)
             if pool_split:  # one shard selected (logical positions), the others hold only empty slots
                 topk = jax.lax.psum(topk + 1, pool_split) - 1
         rows = topk if pages is None else _pool_rows(topk, pages, page)

@@ -176,6 +176,9 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
 
     if page_size is not None:
         num_pages = num_pages or slots * max_len // page_size
+        if page_size % 128:
+            raise ConfigError(f"page_size: the TPU indexer kernel reads the keys through the page tables in blocks "
+                              f"of 128 positions or more; use a multiple of 128 (got {page_size})")
         if seq_split > 1:
             raise ConfigError(f"page_size: a paged cache is not split over the sequence (kv_seq axes {list(seq_axes)}, "
                               f"{seq_split} devices); use a mesh without them, or the slot cache")

@@ -213,6 +213,9 @@ class Engine:
         self.eos_ids = frozenset(e for e in eos if e is not None)
         dtype = jnp.dtype(config.cache_dtype) if config.cache_dtype else model.options.dtype
         lane_padded = model.options.attention_impl == "pallas_tpu"
+        if lane_padded and config.page_size is not None and config.page_size % 128:
+            raise InputError(f"page_size: the TPU indexer kernel reads the keys through the page tables in blocks "
+                             f"of 128 positions or more; use a multiple of 128 (got {config.page_size})")
         self.cache = init_cache(cfg, config.slots, config.max_len, mtp=bool(k), dtype=dtype,
                                 lane_padded=lane_padded, scan_layers=model.options.scan_layers,
                                 quant=config.kv_quant, key_dtype=index_key_dtype(model.options),

@@ -22,13 +22,17 @@ from pallas_kernels.quantize import QuantizedRows, dequantize
 __all__ = ["indexer_scores", "indexer_scores_at", "indexer_topk", "select_topk"]
 
 
-def _scores(family: str, interpret: bool, q, k, w, key_valid, query_index, query_start, scale, k_scale):
+def _scores(family: str, interpret: bool, q, k, w, key_valid, query_index, query_start, scale, k_scale,
+            pages=None):
+    extra = {}
     if family == "tpu":
         from pallas_kernels.dsa_indexer.tpu import indexer_scores_tpu as kernel
+
+        extra = dict(pages=pages)
     else:
         from pallas_kernels.dsa_indexer.gpu import indexer_scores_gpu as kernel
     return kernel(q, k, w, key_valid, query_index, scale=scale, query_start=query_start, k_scale=k_scale,
-                  blocks=tuned_blocks("indexer_scores", family), interpret=interpret)
+                  blocks=tuned_blocks("indexer_scores", family), interpret=interpret, **extra)
 
 
 def _dequantized(k, k_scale):
@@ -73,7 +77,7 @@ def select_topk(scores, k: int, *, impl: str, interpret: bool = False):
 
 def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_block: int,
                  impl: str = "reference", interpret: bool = False, query_start=None, reduce_scores=None,
-                 k_scale=None, key_shards: tuple[str, ...] = ()):
+                 k_scale=None, key_shards: tuple[str, ...] = (), pages=None):
     """Top-k key indices [B, T, min(topk, S)] int32 per query, -1 in empty slots.
 
     q [B,T,H,D], k [B,S,D], w [B,T,H] float32, key_valid [B,S] bool, query_index [B,T] int32, query_start
@@ -87,8 +91,14 @@ def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_
     key_shards: mesh axes the keys are split over (inside shard_map; a sequence-sharded KV cache): k and
     key_valid are this shard's consecutive keys, query_index and query_start are given relative to its first
     key, and the result is this shard's part of the global top-k in local indices (topk.sharded_topk, for
-    every impl)."""
+    every impl).
+
+    pages [B, M] int32 (Pallas TPU only): k and k_scale are a pool [1, N, ...] of pages, key s of row b at pool
+    row pages[b, s // page] * page + s % page (page = S / M, a multiple of 128; S from key_valid); the kernel
+    reads them through the tables. Other impls take keys in logical order (gather them first)."""
     check_q_block(q_block)
+    if pages is not None and (impl == "reference" or kernel_family(impl, interpret) != "tpu"):
+        raise ValueError(f"indexer_topk: page tables are read by the Pallas TPU kernel only, not impl {impl!r}")
     if impl == "reference":
         k = _dequantized(k, k_scale)
     if key_shards and impl == "reference":
@@ -107,7 +117,7 @@ def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_
     qs = jnp.zeros_like(query_index) if query_start is None else query_start
 
     def block(qb, wb, qib, qsb):
-        scores = _scores(family, interpret, qb, k, wb, key_valid, qib, qsb, scale, k_scale)
+        scores = _scores(family, interpret, qb, k, wb, key_valid, qib, qsb, scale, k_scale, pages)
         if reduce_scores is not None:
             scores = reduce_scores(scores)
         return _select(family, interpret, scores, topk, key_shards)

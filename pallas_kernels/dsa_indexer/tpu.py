@@ -18,6 +18,12 @@ by `pltpu.bitcast` into the int8 tile [block_k, D]. The key tile is converted to
 MXU and the scale multiplies each key's column before the relu (relu(c a) = c relu(a) for c > 0), so no
 dequantized copy of the cache exists.
 
+Paged keys (a paged serving cache): k is a pool of rows [1, N, D] shared by the batch and `pages` [B, M] its
+page tables (key s of row b is pool row pages[b, s // page] * page + s % page). The table comes in by scalar
+prefetch and the key BlockSpec's index map reads it, so each key block is DMA'd straight from its page: the
+keys are scored in logical order with no gathered copy of them. A key block then lies within one page
+(block_k divides the page).
+
 VMEM per step at the tuned blocks (block_q = 16, block_k = 2048, H = 32, D = 128, bf16):
 q 16*32*128*2 = 128 KiB, k 2048*128*2 = 512 KiB, logits 512*2048*4 = 4 MiB, out 16*2048*4 = 128 KiB;
 double-buffered inputs and outputs about 1.5 MiB, well inside v5p / v6e VMEM.
@@ -26,6 +32,7 @@ double-buffered inputs and outputs about 1.5 MiB, well inside v5p / v6e VMEM.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +47,9 @@ from pallas_kernels.quantize import quantize
 NO_START = 2**31 - 1  # query_start of a padded query: above every key, so it never lowers a tile's minimum
 
 
-def _kernel(qmax_ref, qmin_ref, q_ref, k_ref, w_ref, valid_ref, qi_ref, qs_ref, *rest, scale, block_k, quantized):
+def _kernel(*refs, scale, block_k, quantized, prefetched):
+    qmax_ref, qmin_ref = refs[:2]  # (and the page tables, read by the index maps only)
+    q_ref, k_ref, w_ref, valid_ref, qi_ref, qs_ref, *rest = refs[prefetched:]
     if quantized:
         ks_ref, o_ref = rest
     else:
@@ -73,39 +82,55 @@ def _kernel(qmax_ref, qmin_ref, q_ref, k_ref, w_ref, valid_ref, qi_ref, qs_ref, 
 
 
 def indexer_scores_tpu(q, k, w, key_valid, query_index, *, scale: float, blocks: IndexerScoresTpuBlocks,
-                       query_start=None, k_scale=None, interpret: bool = False):
+                       query_start=None, k_scale=None, pages=None, interpret: bool = False):
     """q [B,T,H,D], k [B,S,D] (or int8 with k_scale [B,S] f32; or int8 packed as uint32 [B,S/4,D] with
     k_scale), w [B,T,H] f32, key_valid [B,S] bool, query_index [B,T] int32, query_start [B,T] int32 or None
-    -> scores [B,T,S] float32 (-inf where masked)."""
+    -> scores [B,T,S] float32 (-inf where masked).
+
+    pages [B, M] int32: k (and k_scale) are a pool [1, N, ...] of pages of S / M rows, read through the tables
+    (the module docstring); key_valid [B, S] is in logical order and must be False where a page is -1."""
     if not isinstance(blocks, IndexerScoresTpuBlocks):
         raise TypeError(f"indexer_scores_tpu: blocks must be IndexerScoresTpuBlocks, got {type(blocks).__name__}")
     B, T, H, D = q.shape
     quantized = k_scale is not None
     pack = 4 if k.dtype == jnp.uint32 else 1
-    S = k.shape[1] * pack
+    S = k.shape[1] * pack if pages is None else key_valid.shape[1]
     if quantized and k.dtype not in (jnp.int8, jnp.uint32):
         raise ValueError(f"indexer_scores_tpu: quantized keys must be int8 (or packed in uint32), got {k.dtype}")
-    if pack > 1 and (not quantized or k_scale.shape[1] != S):
-        raise ValueError(f"indexer_scores_tpu: packed keys [B, S/4, D] = {k.shape} need k_scale [B, {S}]")
+    if pack > 1 and (not quantized or k_scale.shape[1] != k.shape[1] * pack):
+        raise ValueError(f"indexer_scores_tpu: packed keys [B, S/4, D] = {k.shape} need k_scale [B, S]")
     if not quantized and k.dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(f"indexer_scores_tpu: keys must be bf16/f32 (or int8 with k_scale), got {k.dtype}")
     if query_start is None:
         query_start = jnp.zeros((B, T), jnp.int32)
     bq = min(blocks.block_q, max(8, cdiv(T, 8) * 8))
     bk = min(blocks.block_k, max(128, cdiv(S, 128) * 128))
+    if pages is not None:
+        page = S // pages.shape[1]
+        if k.shape[0] != 1 or S % pages.shape[1] or page % 128 or (k.shape[1] * pack) % page:
+            raise ValueError(f"indexer_scores_tpu: paged keys need a pool [1, N, D] of whole pages of a multiple of "
+                             f"128 rows; got k {k.shape}, {pages.shape[1]} pages for {S} keys")
+        bk = math.gcd(bk, page)  # a key block lies within one page
     q_p = pad_axis(q, 1, bq)
     w_p = pad_axis(w.astype(jnp.float32), 1, bq)
     qi_p = pad_axis(query_index.astype(jnp.int32), 1, bq, value=-1)  # padded queries see nothing
     qs_p = pad_axis(query_start.astype(jnp.int32), 1, bq, value=NO_START)  # ... nor lower a tile's min start
-    k_p = pad_axis(k, 1, bk // pack)
+    k_p = k if pages is not None else pad_axis(k, 1, bk // pack)  # whole pages need no padding
     valid_p = pad_axis(key_valid.astype(jnp.int32), 1, bk)[:, None, :]  # [B, 1, S]
-    Tp, Sp = q_p.shape[1], k_p.shape[1] * pack
+    Tp, Sp = q_p.shape[1], valid_p.shape[2]
     nq, nk = Tp // bq, Sp // bk
     qmax = jnp.max(qi_p.reshape(B, nq, bq), axis=-1)  # [B, nq] scalar-prefetched
     qmin = jnp.min(qs_p.reshape(B, nq, bq), axis=-1)
+    if pages is None:
+        prefetch = (qmax, qmin)
+        key_block = lambda b, i, j, *_: (b, j)  # noqa: E731
+    else:  # key block j of row b: block j % per_page of page pages[b, j // per_page] (-1: page 0, masked)
+        per_page = page // bk
+        prefetch = (qmax, qmin, jnp.maximum(pages.astype(jnp.int32), 0))
+        key_block = lambda b, i, j, qmax, qmin, table: (0, table[b, j // per_page] * per_page + j % per_page)  # noqa: E731
     in_specs = [
         pl.BlockSpec((1, bq, H, D), lambda b, i, j, *_: (b, i, 0, 0)),
-        pl.BlockSpec((1, bk // pack, D), lambda b, i, j, *_: (b, j, 0)),
+        pl.BlockSpec((1, bk // pack, D), lambda *a: (*key_block(*a), 0)),
         pl.BlockSpec((1, bq, H), lambda b, i, j, *_: (b, i, 0)),
         pl.BlockSpec((1, 1, bk), lambda b, i, j, *_: (b, 0, j)),
         pl.BlockSpec((1, bq, 1), lambda b, i, j, *_: (b, i, 0)),
@@ -113,25 +138,26 @@ def indexer_scores_tpu(q, k, w, key_valid, query_index, *, scale: float, blocks:
     ]
     args = [q_p, k_p, w_p, valid_p, qi_p[:, :, None], qs_p[:, :, None]]
     if quantized:
-        in_specs.append(pl.BlockSpec((1, 1, bk), lambda b, i, j, *_: (b, 0, j)))
-        args.append(pad_axis(k_scale.astype(jnp.float32), 1, bk)[:, None, :])
+        in_specs.append(pl.BlockSpec((1, 1, bk), lambda *a: (key_block(*a)[0], 0, key_block(*a)[1])))
+        ks = k_scale.astype(jnp.float32)
+        args.append((ks if pages is not None else pad_axis(ks, 1, bk))[:, None, :])
     flops = 2 * B * Tp * H * D * Sp // 2 + 3 * B * Tp * H * Sp // 2  # about half the tiles are causal-skipped
     cost = pl.CostEstimate(
         flops=int(flops), transcendentals=0,
-        bytes_accessed=int(q_p.size * q_p.dtype.itemsize + nq * k_p.size * k_p.dtype.itemsize // 2
+        bytes_accessed=int(q_p.size * q_p.dtype.itemsize + nq * B * Sp * D * k_p.dtype.itemsize // pack // 2
                            + B * Tp * Sp * 4),
     )
     out = pl.pallas_call(
-        functools.partial(_kernel, scale=scale, block_k=bk, quantized=quantized),
-        out_shape=out_struct((B, Tp, Sp), jnp.float32, qmax, qmin, *args),
+        functools.partial(_kernel, scale=scale, block_k=bk, quantized=quantized, prefetched=len(prefetch)),
+        out_shape=out_struct((B, Tp, Sp), jnp.float32, *prefetch, *args),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, nq, nk), in_specs=in_specs,
+            num_scalar_prefetch=len(prefetch), grid=(B, nq, nk), in_specs=in_specs,
             out_specs=pl.BlockSpec((1, bq, bk), lambda b, i, j, *_: (b, i, j)),
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         cost_estimate=cost,
         interpret=interpret,
-    )(qmax, qmin, *args)
+    )(*prefetch, *args)
     return out[:, :T, :S]
 
 
