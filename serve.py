@@ -119,7 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="mesh axes every request's KV cache is split over along the sequence (default context; "
                          "context,expert for a few long requests: their slots are then not split over expert)")
     en.add_argument("--page-size", type=count, default=None,
-                    help="a paged KV cache of pages of this many tokens (default: one max-len slot per sequence)")
+                    help="a paged KV cache of pages of this many tokens (default: one max-len slot per sequence; "
+                         "the TPU kernels take a multiple of 128)")
     en.add_argument("--num-pages", type=count, default=None,
                     help="pages in the paged cache (default slots x max-len / page-size); a request waits until "
                          "the pages of its prompt + max_tokens are free")

@@ -108,3 +108,8 @@ def test_slots_must_split_over_the_batch_axes():
         compile_serve_step(small_glm52(), TOPOLOGY, MESH, slots=3, max_len=MAX_LEN, k=K)
     with pytest.raises(ConfigError, match="has 2 devices"):
         compile_serve_step(small_glm52(), TOPOLOGY, {"tensor": 2}, slots=SLOTS, max_len=MAX_LEN, k=K)
+    with pytest.raises(ConfigError, match="multiple of 128"):  # the TPU indexer reads pages in 128-key blocks
+        compile_serve_step(small_glm52(), TOPOLOGY, MESH, slots=SLOTS, max_len=MAX_LEN, k=K, page_size=64)
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        compile_serve_step(small_glm52(), TOPOLOGY, MESH, slots=SLOTS, max_len=MAX_LEN, k=K, page_size=128,
+                           num_pages=33)
