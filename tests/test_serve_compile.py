@@ -80,7 +80,8 @@ def test_paged_fp8_step_compiles_with_its_pools_split_over_the_slot_groups():
     """A paged FP8 cache (pages of 256 tokens, as many as 4 full slots take) on the tensor x expert mesh: each
     slot group's chips hold its half of the pools and of the page table, the step updates them in place, and
     reading keys and rows through the table copies no pool (one latent pool's copy would take the
-    temporaries past half the cache)."""
+    temporaries past half the cache). (Paged and split over the sequence: compiled at full size in
+    docs/serving.md; on 8 CPU devices in tests/test_serve_engine.py.)"""
     import benchmarks.tpu_aot  # noqa: F401
     from glmjax.serve.compile_only import compile_serve_step
 
@@ -95,9 +96,9 @@ def test_paged_fp8_step_compiles_with_its_pools_split_over_the_slot_groups():
     assert report.aliased_bytes >= report.cache_bytes + report.state_bytes
     assert report.temp_bytes < report.cache_bytes / 2 and report.mosaic_kernels > 0
     assert "KV cache, fp8, paged (512 of 1,024 pages of 256 tokens + table)" in report.table()
-    with pytest.raises(ConfigError, match="not split over the sequence"):
+    with pytest.raises(ConfigError, match="2 slot groups x 2 sequence shards; use a multiple of 4"):
         compile_serve_step(cfg, "v5p:2x2x2", {"context": 2, "tensor": 2, "expert": 2}, slots=SLOTS,
-                           max_len=max_len, k=K, page_size=256)
+                           max_len=max_len, k=K, page_size=256, num_pages=1022)
 
 
 def test_slots_must_split_over_the_batch_axes():

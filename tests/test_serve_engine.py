@@ -13,6 +13,7 @@ import glmjax
 from glmjax.errors import InputError
 from glmjax.serve import greedy_decode_reference
 from glmjax.serve.engine import Engine, EngineConfig
+from glmjax.serve.paging import PageAllocator
 from glmjax.serve.requests import Request, SamplingParams
 from glmjax.sharding import make_mesh, shard_model
 from tests.conftest import GOLDEN
@@ -152,6 +153,24 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(model, prompts)
     assert len({tuple(t) for t in together}) == len(reqs)
 
 
+def test_page_allocator_gives_each_sequence_shard_its_range_of_positions():
+    """Split over 2 slot groups x 2 sequence shards (pool parts of 4 pages), a slot's logical pages 0-3 come
+    from its group's first shard's part and 4-7 from the second's; a request waits when a shard's part it
+    needs is full even if the other has room, and one that needs more than a slot holds can never run."""
+    alloc = PageAllocator(16, 8, slots=4, max_pages=8, groups=2, seq_shards=2)
+    alloc.assign(2, 6 * 8)  # slot 2: group 1 (parts 2 and 3), 6 pages: 4 on shard 0, 2 on shard 1
+    assert list(alloc.table[2]) == [8, 9, 10, 11, 12, 13, -1, -1]
+    # Every request starts on shard 0: group 1's is full, so slot 3 waits although shard 1 has 2 pages free.
+    assert not alloc.fits(3, 8)
+    assert alloc.fits(0, 8 * 8)  # group 0 is empty
+    with pytest.raises(InputError, match="each sequence shard of a slot group holds 4 pages"):
+        alloc.check("x", 8 * 8 + 1)  # 9 pages: more than a slot's table
+    alloc.release(2)
+    assert alloc.free_pages == 16 and (alloc.table == -1).all()
+    alloc.assign(3, 8)
+    assert list(alloc.table[3][:1]) == [8]  # the part's lowest page first again
+
+
 def test_requests_that_cannot_fit_are_refused(model):
     engine = Engine(model, EngineConfig(**ENGINE))
     with pytest.raises(InputError, match="exceeds the engine's max_len 64"):
@@ -166,19 +185,26 @@ def test_requests_that_cannot_fit_are_refused(model):
         EngineConfig(slots=2, max_len=60, page_size=8)
 
 
-@pytest.mark.parametrize("k,num_pages,shape", [(0, 9, None), (3, 16, {"tensor": 2, "expert": 2})])
+PAGED = {"one-device": (0, 9, None), "tensor2xexpert2": (3, 16, {"tensor": 2, "expert": 2}),
+         "context2xtensor2xexpert2": (3, 32, {"context": 2, "tensor": 2, "expert": 2})}
+
+
+@pytest.mark.parametrize("k,num_pages,shape", PAGED.values(), ids=PAGED.keys())
 def test_paged_cache_gives_the_slot_cache_tokens(model, prompts, reference, k, num_pages, shape):
-    """Pages of 8 tokens through a page table give the reference's (= the slot cache's) tokens, plain on one
+    """Pages of 8 tokens through a page table give the reference's (= the slot cache's) tokens: plain on one
     device, where with 9 pages the 54-token request (prompt 40 + 14: 7 pages) cannot start next to the others
-    and waits for their pages; and speculative on a tensor 2 x expert 2 mesh, where the pools are split over
+    and waits for their pages; speculative on a tensor 2 x expert 2 mesh, where the pools are split over
     expert (8 pages per slot group, each slot's pages on its devices; a prefill chunk, whose one request is
-    not split, merges over the groups). Every page is back in the pool at the end."""
+    not split, merges over the groups); and speculative with the cache split over context 2 as well, each
+    sequence shard holding the pages of its half of every slot's positions (8 pages per device: the exact
+    distributed top-k and the log-sum-exp merge over the shards, as for the slot cache). Every page is back
+    in the pool at the end."""
     want, stop = reference
     config = EngineConfig(num_speculative_tokens=k, page_size=8, num_pages=num_pages, **ENGINE)
     if shape:
-        mesh = make_mesh(shape, jax.devices()[:4])
+        mesh = make_mesh(shape, jax.devices()[:int(np.prod(list(shape.values())))])
         engine = Engine(shard_model(load(), mesh), config, mesh=mesh)
-        assert engine.cache.latent[0].addressable_shards[0].data.shape[2] == num_pages // 2
+        assert engine.cache.latent[0].addressable_shards[0].data.shape[2] == 8
     else:
         engine = Engine(model, config)
     assert engine.cache.paged and engine.cache.latent[0].shape[2:4] == (num_pages, 8)

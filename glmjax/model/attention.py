@@ -266,13 +266,13 @@ class MLAttention(nnx.Module):
             args["topk"] = topk
         pool_axes = pool_split = ()
         if keys.pages is not None:
-            if kv_axes:
-                raise NotImplementedError("a paged KV cache split over the sequence (kv_seq)")
             args["pages"] = keys.pages
-            # The pools are split over "kv_pages" (each slot group's pages on its devices). A call whose rows
-            # are not split the same way (a prefill chunk's one request) merges over the rest.
+            # The pools are split over "kv_pages": each slot group's pages on its devices, and on a cache split
+            # over the sequence each shard's pages of its range of positions (its columns of the page table).
+            # A call whose rows are not split like the slots (a prefill chunk's one request) merges over the
+            # slot groups too.
             pool_axes = sharding.mesh_axes("kv_pages", mesh)
-            pool_split = tuple(a for a in pool_axes if a not in sharding.mesh_axes("batch", mesh))
+            pool_split = tuple(a for a in pool_axes if a not in sharding.mesh_axes("batch", mesh) + kv_axes)
         if mesh is None:
             return core(args)
         key_seq = "seq" if own else "kv_seq"
@@ -280,7 +280,7 @@ class MLAttention(nnx.Module):
         axes = dict(q=("batch", "seq", "act_heads", None), kv=("batch", key_seq, None),
                     ik=("batch", key_seq, None), kvalid=("batch", key_seq),
                     iq=("batch", "seq", "act_index_heads", None), iw=("batch", "seq", "act_index_heads"),
-                    tok=("batch", "seq"), start=("batch", "seq"), topk=topk_axes, pages=("batch", None))
+                    tok=("batch", "seq"), start=("batch", "seq"), topk=topk_axes, pages=("batch", key_seq))
         if keys.pages is not None:  # pools [1, pages * page, ...]: the pages split over "kv_pages"
             axes.update(kv=(None, "kv_pages", None), ik=(None, "kv_pages", None))
         # A quantized cache's parts (values, per-row scale, rope tail) share their leading axes.
@@ -311,7 +311,7 @@ class MLAttention(nnx.Module):
         if pages is not None:
             page = kvalid.shape[1] // pages.shape[1]
             pages, kvalid = _local_pages(pages, kvalid, page, kv.shape[1] // page, pool_axes)
-        merge_axes = kv_axes or pool_split
+        merge_axes = kv_axes + pool_split
         # The indexer scores every key in logical order: the TPU kernel reads them through the page tables,
         # the other impls get them gathered.
         kernel_pages = pages if opts.attention_impl == "pallas_tpu" else None

@@ -103,8 +103,8 @@ class ServeCompileReport:
                 "prefill": f"one {self.tokens}-token chunk"}[self.program]
         fmt = "fp8" if self.kv_quant == "fp8" else "bf16"
         if self.page_size:
-            held = (f"KV cache, {fmt}, paged ({self.num_pages // self.slot_split:,} of {self.num_pages:,} pages of "
-                    f"{self.page_size} tokens + table)")
+            held = (f"KV cache, {fmt}, paged ({self.num_pages // (self.slot_split * self.seq_split):,} of "
+                    f"{self.num_pages:,} pages of {self.page_size} tokens + table)")
         else:
             held = (f"KV cache, {fmt} ({self.slots // self.slot_split} of {self.slots} slots x "
                     f"{self.max_len // self.seq_split:,} of {self.max_len:,} tokens)")
@@ -152,8 +152,8 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
     FSDP-split the non-expert weights over expert and all-gather them every step). scan_layers: see
     ModelOptions (the engine serves unscanned layers). kv_quant "fp8": the FP8 cache (int8 indexer keys for the
     TPU kernels; glmjax.serve.kv_cache). page_size: a paged cache (glmjax.serve.kv_cache) of num_pages pages
-    (default slots x max_len / page_size), its pools split over the batch axes like the engine's; not with a
-    cache split over the sequence. -> ServeCompileReport."""
+    (default slots x max_len / page_size), its pools split over the slot groups and sequence shards like the
+    engine's. -> ServeCompileReport."""
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
@@ -179,12 +179,12 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
         if page_size % 128:
             raise ConfigError(f"page_size: the TPU indexer kernel reads the keys through the page tables in blocks "
                               f"of 128 positions or more; use a multiple of 128 (got {page_size})")
-        if seq_split > 1:
-            raise ConfigError(f"page_size: a paged cache is not split over the sequence (kv_seq axes {list(seq_axes)}, "
-                              f"{seq_split} devices); use a mesh without them, or the slot cache")
-        if num_pages % split:
-            raise ConfigError(f"num_pages: {num_pages} pages do not split over the mesh's {split} slot groups; use a "
-                              f"multiple of {split}")
+        if num_pages % (split * seq_split):
+            raise ConfigError(f"num_pages: {num_pages} pages do not split over the mesh's {split} slot groups x "
+                              f"{seq_split} sequence shards; use a multiple of {split * seq_split}")
+        if (max_len // page_size) % seq_split:
+            raise ConfigError(f"max_len: {max_len} positions are not whole pages of {page_size} on each of the "
+                              f"{seq_split} sequence shards")
 
     options = serve_options(dtype, scan_layers)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

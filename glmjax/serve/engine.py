@@ -143,11 +143,12 @@ def serve_rules(kv_seq_axes: tuple[str, ...] = ("context",)) -> dict[str, tuple[
     step has one per slot); the cache's sequence axis ("kv_seq") is split over `kv_seq_axes` (a
     sequence-sharded cache: every slot's keys in contiguous shards), and the slots over the batch axes left
     (data, fsdp, expert). For one long request on a context x expert x tensor mesh, ("context", "expert")
-    gives every device of a tensor group its own share of the sequence. A paged cache's pools are split like
-    the slots ("kv_pages"): each slot group's pages live with its slots."""
+    gives every device of a tensor group its own share of the sequence. A paged cache's pools are split over
+    the slots' axes and the sequence's ("kv_pages"): each slot group's pages live with its slots, and each
+    sequence shard holds the pages of its contiguous range of every slot's positions."""
     batch = tuple(a for a in DEFAULT_RULES["batch"] if a not in kv_seq_axes)
     return {**DEFAULT_RULES, "batch": batch, "seq": (), "res_seq": ("tensor",), "kv_seq": tuple(kv_seq_axes),
-            "kv_pages": batch, "embed": ("fsdp",), "mtp_in": ("fsdp",)}
+            "kv_pages": batch + tuple(kv_seq_axes), "embed": ("fsdp",), "mtp_in": ("fsdp",)}
 
 
 SERVE_RULES = serve_rules()
@@ -160,14 +161,18 @@ def slot_shardings(cache: KVCache, state: steps.SlotState, mesh: Mesh, rules=SER
     data-parallel, so each expert-parallel group attends for its own slots), the cache's sequence axis over
     their "kv_seq" axes, the rest replicated: MLA's one latent row serves every head, so splitting heads over
     tensor would not split the cache. Slot and sequence axes: latent [G, L, B, S, W] 2 and 3, index_keys
-    [G, B, S, DI] 1 and 2, the MTP cache [B, S, ...] 0 and 1, every SlotState field [B, ...] 0."""
-    batch = logical_to_spec(("batch",), mesh=mesh, rules=rules)[0]
-    seq = logical_to_spec(("kv_seq",), mesh=mesh, rules=rules)[0]
+    [G, B, S, DI] 1 and 2, the MTP cache [B, S, ...] 0 and 1, every SlotState field [B, ...] 0. A paged
+    cache's pools [G, L, P, page, W] (etc.) split their page axis over "kv_pages" (slot groups x sequence
+    shards) and keep each page whole; its page table [B, S / page] is split like the slots."""
+    slots = logical_to_spec(("batch",), mesh=mesh, rules=rules)[0]
+    rows, seq = slots, logical_to_spec(("kv_seq",), mesh=mesh, rules=rules)[0]
+    if cache.paged:  # the pools' page axis over slot groups x sequence shards, every page whole
+        rows, seq = logical_to_spec(("kv_pages",), mesh=mesh, rules=rules)[0], None
 
-    def on(slot_axis: int, seq_axis: int | None = None):
+    def on(slot_axis: int, seq_axis: int | None = None, first=rows):
         def sharding(a) -> NamedSharding:
             axes = [None] * len(a.shape)
-            axes[slot_axis] = batch
+            axes[slot_axis] = first
             if seq_axis is not None:
                 axes[seq_axis] = seq
             return NamedSharding(mesh, PartitionSpec(*axes))
@@ -177,8 +182,8 @@ def slot_shardings(cache: KVCache, state: steps.SlotState, mesh: Mesh, rules=SER
     cache_sh = KVCache(tuple(jax.tree.map(on(2, 3), x) for x in cache.latent),
                        tuple(jax.tree.map(on(1, 2), x) for x in cache.index_keys),
                        jax.tree.map(on(0, 1), cache.mtp_latent), jax.tree.map(on(0, 1), cache.mtp_index_keys),
-                       jax.tree.map(on(0), cache.pages))
-    return cache_sh, jax.tree.map(on(0), state)
+                       jax.tree.map(on(0, first=slots), cache.pages))
+    return cache_sh, jax.tree.map(on(0, first=slots), state)
 
 
 def index_key_dtype(options: ModelOptions):
@@ -220,7 +225,7 @@ class Engine:
                                 lane_padded=lane_padded, scan_layers=model.options.scan_layers,
                                 quant=config.kv_quant, key_dtype=index_key_dtype(model.options),
                                 page_size=config.page_size, num_pages=config.pool_pages)
-        self._slot_groups = 1
+        self._slot_groups = self._seq_shards = 1
         self.state = steps.init_state(config.slots, k, cfg.vocab_size, self.sampled_drafts)
         if mesh is not None:
             self._place_on(mesh)
@@ -229,7 +234,8 @@ class Engine:
         self.pages = None
         if config.page_size is not None:  # each group of slots (split over the mesh) has its own pages
             self.pages = PageAllocator(config.pool_pages, config.page_size, config.slots,
-                                       config.max_len // config.page_size, groups=self._slot_groups)
+                                       config.max_len // config.page_size, groups=self._slot_groups,
+                                       seq_shards=self._seq_shards)
         # The programs take the parameters as a flat list of arrays: jit flattens a list in C++, while an nnx
         # State's Variables flatten in Python (~1 ms per call for the demo's 100 arrays).
         self.graphdef, params = nnx.split(model)
@@ -245,15 +251,16 @@ class Engine:
             if self.config.slots % n:
                 raise InputError(f"slots: {self.config.slots} slots do not split over the mesh's batch axes "
                                  f"{list(mesh_axes('batch', mesh))} ({n} devices); use a multiple of {n}")
-            if self.config.page_size is not None:
-                if mesh_size(mesh_axes("kv_seq", mesh), mesh) > 1:
-                    raise InputError("page_size: a paged cache is not split over the sequence yet (kv_seq axes "
-                                     f"{list(mesh_axes('kv_seq', mesh))}): use kv_seq_axes=() or the slot cache")
-                if self.config.pool_pages % n:
-                    raise InputError(f"num_pages: {self.config.pool_pages} pages do not split over the mesh's "
-                                     f"{n} slot groups; use a multiple of {n}")
-            self._slot_groups = n
             m = mesh_size(mesh_axes("kv_seq", mesh), mesh)
+            if self.config.page_size is not None:
+                if self.config.pool_pages % (n * m):
+                    raise InputError(f"num_pages: {self.config.pool_pages} pages do not split over the mesh's "
+                                     f"{n} slot groups x {m} sequence shards; use a multiple of {n * m}")
+                if (self.config.max_len // self.config.page_size) % m:
+                    raise InputError(f"max_len: {self.config.max_len} positions are not whole pages of "
+                                     f"{self.config.page_size} on each of the {m} sequence shards; use a multiple "
+                                     f"of {m * self.config.page_size}")
+            self._slot_groups, self._seq_shards = n, m
             # The TPU FP8 layout packs several positions per stored row: a shard holds whole rows.
             align = position_alignment(self.model.config, self.config.kv_quant,
                                        self.model.options.attention_impl == "pallas_tpu")

@@ -23,7 +23,9 @@ there are dropped and reads are never valid keys). Memory then follows the reque
 the engine hands pages out as requests arrive and takes them back as they finish (glmjax.serve.paging).
 Attention reads the pool through the table: the indexer scores each row's keys in logical order, and the
 sparse MLA kernel gathers its selected rows from the pool by their page-table rows. On a mesh the page axis
-is split like the slots (each slot group's pages with its slots; the engine's "kv_pages" rule).
+is split over the slot groups and the sequence shards (the engine's "kv_pages" rule): each slot group's pages
+live with its slots, and each sequence shard holds the pages of its contiguous range of every slot's
+positions (glmjax.serve.paging).
 
 FP8 KV (`quant="fp8"`): every latent buffer is `QuantizedRows` (pallas_kernels.quantize): the r latent values
 in float8_e4m3fn with one float32 scale per row, the p rope values in `dtype` (the parts are separate

@@ -7,6 +7,11 @@ the pages of its whole budget (prompt + max_tokens) at admission, so a running r
 and nothing is ever preempted; memory follows the requests in flight, not slots x max_len. A request whose
 pages are not free waits (first come, first served); one that needs more pages than the pool holds can
 never run and is refused up front.
+
+On a cache split over the sequence (seq_shards n), each of a slot group's n sequence shards holds its own
+part of the group's pages, and a slot's logical page j (positions j * page ..) comes from shard
+j // (max_pages / n): each shard keeps its contiguous range of every slot's positions, as a slot cache split
+over the sequence does.
 """
 
 from __future__ import annotations
@@ -20,16 +25,22 @@ class PageAllocator:
     """Pages 0..num_pages-1 of page_size tokens, handed to `slots` slots of up to max_pages pages each.
 
     groups: the slots and the pages are split into this many equal, contiguous groups (the mesh's slot groups:
-    a group's pages live on the devices that serve its slots), and a slot takes pages of its own group."""
+    a group's pages live on the devices that serve its slots), and a slot takes pages of its own group.
+    seq_shards: each group's pages are split again into this many contiguous parts, one per sequence shard
+    (the module docstring); pool part g * seq_shards + i is group g's shard i."""
 
-    def __init__(self, num_pages: int, page_size: int, slots: int, max_pages: int, groups: int = 1):
-        if num_pages % groups or slots % groups:
-            raise ValueError(f"page allocator: {num_pages} pages and {slots} slots must split into {groups} groups")
+    def __init__(self, num_pages: int, page_size: int, slots: int, max_pages: int, groups: int = 1,
+                 seq_shards: int = 1):
+        parts = groups * seq_shards
+        if num_pages % parts or slots % groups or max_pages % seq_shards:
+            raise ValueError(f"page allocator: {num_pages} pages must split into {groups} groups x {seq_shards} "
+                             f"sequence shards, {slots} slots into the groups and {max_pages} pages per slot "
+                             f"into the shards")
         self.num_pages, self.page_size, self.max_pages = num_pages, page_size, max_pages
-        self.group_pages, self.group_slots = num_pages // groups, slots // groups
+        self.part_pages, self.group_slots, self.seq_shards = num_pages // parts, slots // groups, seq_shards
         self.table = np.full((slots, max_pages), -1, np.int32)
-        # pop() hands out each group's lowest page first
-        self._free = [list(range((g + 1) * self.group_pages - 1, g * self.group_pages - 1, -1)) for g in range(groups)]
+        # pop() hands out each part's lowest page first
+        self._free = [list(range((q + 1) * self.part_pages - 1, q * self.part_pages - 1, -1)) for q in range(parts)]
 
     @property
     def free_pages(self) -> int:
@@ -38,30 +49,43 @@ class PageAllocator:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
+    def _needs(self, slot: int, tokens: int) -> dict[int, int]:
+        """Pool part -> pages `slot` needs from it for `tokens` positions."""
+        per_shard, first = self.max_pages // self.seq_shards, (slot // self.group_slots) * self.seq_shards
+        needs: dict[int, int] = {}
+        for j in range(self.pages_for(tokens)):
+            needs[first + j // per_shard] = needs.get(first + j // per_shard, 0) + 1
+        return needs
+
     def check(self, request_id: str, tokens: int) -> None:
-        """InputError if `tokens` can never fit: more pages than a slot group's pool or a slot's table holds."""
+        """InputError if `tokens` can never fit: more pages than a slot's table holds, or than one pool part
+        (a slot group's, or its sequence shard's) holds."""
         need = self.pages_for(tokens)
-        if need > min(self.group_pages, self.max_pages):
-            where = "the cache holds" if len(self._free) == 1 else "each of the mesh's slot groups holds"
+        most = max(self._needs(0, tokens).values(), default=0)
+        if need > self.max_pages or most > self.part_pages:
+            where = ("the cache holds" if len(self._free) == 1 else
+                     "each of the mesh's slot groups holds" if self.seq_shards == 1 else
+                     "each sequence shard of a slot group holds")
             raise InputError(f"request {request_id}: {tokens} tokens (prompt + max_tokens) need {need} pages of "
-                             f"{self.page_size} tokens; {where} {self.group_pages} pages, a slot at most "
+                             f"{self.page_size} tokens; {where} {self.part_pages} pages, a slot at most "
                              f"{self.max_pages}: it can never run (raise num_pages or lower max_tokens)")
 
     def fits(self, slot: int, tokens: int) -> bool:
-        """Whether `slot`'s group has the pages for `tokens` positions free now."""
-        return self.pages_for(tokens) <= len(self._free[slot // self.group_slots])
+        """Whether the pages for `tokens` positions of `slot` are free now (in its group, on each shard)."""
+        return all(n <= len(self._free[q]) for q, n in self._needs(slot, tokens).items())
 
     def assign(self, slot: int, tokens: int) -> None:
-        """Gives `slot` the pages for `tokens` positions from its group (the slot must hold none)."""
-        need, free = self.pages_for(tokens), self._free[slot // self.group_slots]
-        if need > len(free):
-            raise RuntimeError(f"page allocator: {need} pages wanted, {len(free)} free in slot {slot}'s group")
+        """Gives `slot` the pages for `tokens` positions (the slot must hold none)."""
+        if not self.fits(slot, tokens):
+            raise RuntimeError(f"page allocator: the pages for {tokens} positions of slot {slot} are not free")
         if (self.table[slot] >= 0).any():
             raise RuntimeError(f"page allocator: slot {slot} still holds pages")
-        self.table[slot, :need] = [free.pop() for _ in range(need)]
+        per_shard, first = self.max_pages // self.seq_shards, (slot // self.group_slots) * self.seq_shards
+        self.table[slot, :self.pages_for(tokens)] = [self._free[first + j // per_shard].pop()
+                                                      for j in range(self.pages_for(tokens))]
 
     def release(self, slot: int) -> None:
         """Takes back every page of `slot`."""
-        held = self.table[slot][self.table[slot] >= 0]
-        self._free[slot // self.group_slots].extend(int(p) for p in held[::-1])
+        for p in self.table[slot][self.table[slot] >= 0][::-1]:
+            self._free[int(p) // self.part_pages].append(int(p))
         self.table[slot] = -1
