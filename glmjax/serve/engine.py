@@ -50,7 +50,9 @@ class EngineConfig:
       serve_rules): each device holds max_len / (their size) positions of its slots.
     - page_size: a paged cache of num_pages pages of page_size tokens (default slots x max_len / page_size),
       handed to requests as they are admitted (each reserves prompt + max_tokens positions;
-      glmjax.serve.paging) instead of a max_len slot each.
+      glmjax.serve.paging) instead of a max_len slot each. On a mesh the pages split over the slot groups
+      and the kv_seq shards (each shard holds the pages of its range of positions); with the Pallas TPU
+      kernels a page holds a multiple of 128 positions.
     - kv_quant "fp8": latent rows in float8_e4m3fn with per-row scales (their rope dims in cache_dtype) and
       indexer keys 8-bit with per-token scales (float8_e4m3fn for the GPU kernels, int8 otherwise:
       index_key_dtype)."""
