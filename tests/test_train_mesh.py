@@ -1,7 +1,8 @@
 """Training on 8 CPU devices under a mesh with context and expert axes gives the single-device losses and
-updates: the same tiny run (float32; stage sparse: LM + 2 MTP steps + the DSA indexer's KL + the balance
-loss; AdamW with clipping; the aux-loss-free router bias update) once on one device and once on
-context 2 x expert 2 x tensor 2."""
+updates: the same tiny run (float32; stage sparse: LM + 2 MTP steps + the MTP acceptance (TV) loss + the DSA
+indexer's KL + the balance loss; AdamW with clipping; the aux-loss-free router bias update) once on one
+device and once on context 2 x expert 2 x tensor 2 (the TV loss pairs each draft with the target's
+distribution rows later, across the context shards' boundaries)."""
 
 import json
 
@@ -21,7 +22,8 @@ STEPS = 3
 # context x expert.
 MESH = {"context": 2, "expert": 2, "tensor": 2}
 TERMS = ("train/loss", "train/lm_loss", "train/mtp_loss/1", "train/mtp_loss/2", "train/indexer_kl",
-         "train/balance_loss", "train/mtp_accuracy/1", "train/mtp_accuracy/2", "train/grad_norm")
+         "train/balance_loss", "train/mtp_accuracy/1", "train/mtp_accuracy/2", "train/mtp_expected_accepted",
+         "train/grad_norm")
 # AdamW's eps. Its first update is lr * g / (|g| + eps): for the gradient entries that are nearly zero
 # (~1e-8 where the tensor's largest is ~1e-2), float32 summation-order noise of ~1e-9 (both runs agree to
 # ~5e-7 of each tensor's scale) moves the update by up to lr * 1e-9 / eps, 1e-3 with the default 1e-8 (seen:
@@ -53,6 +55,7 @@ def run(tmp_path, mesh):
     tmp_path.mkdir(parents=True)
     three_layer_indexshare_config().to_json(tmp_path / "config.json")
     sets = {"model.config": str(tmp_path / "config.json"), "optimizer.eps": EPS, "run.steps": STEPS,
+            "loss.mtp_tv_weight": 0.5,
             "checkpoint.save_every": 1000, **{f"mesh.{a}": n for a, n in mesh.items()}}
     return train_and_keep_state(tiny_config(tmp_path, **sets))
 
