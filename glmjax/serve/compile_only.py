@@ -35,7 +35,7 @@ from glmjax.model.options import ModelOptions
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.serve import steps
 from glmjax.serve.engine import SERVE_RULES, index_key_dtype, jit_program, slot_shardings
-from glmjax.serve.kv_cache import Quant, cache_shapes, position_alignment
+from glmjax.serve.kv_cache import Quant, cache_shapes, check_split
 from glmjax.serve.sampling import SamplingArrays
 from glmjax.sharding import (
     logical_rules,
@@ -166,25 +166,11 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
     with logical_rules(rules):
         batch_axes, seq_axes = mesh_axes("batch", mesh), mesh_axes("kv_seq", mesh)
     split, seq_split = mesh_size(batch_axes, mesh), mesh_size(seq_axes, mesh)
-    if slots % split:
-        raise ConfigError(f"slots: {slots} slots do not split over the mesh's batch axes {list(batch_axes)} "
-                          f"({split} devices); use a multiple of {split}")
-    align = position_alignment(config, kv_quant, lane_padded=True)  # positions per packed row of the FP8 layout
-    if max_len % (seq_split * align):
-        raise ConfigError(f"max_len: {max_len} positions do not split over the cache's sequence axes "
-                          f"{list(seq_axes)} ({seq_split} devices{f' x {align} per packed row' if align > 1 else ''})")
-
     if page_size is not None:
         num_pages = num_pages or slots * max_len // page_size
-        if page_size % 128:
-            raise ConfigError(f"page_size: the TPU indexer kernel reads the keys through the page tables in blocks "
-                              f"of 128 positions or more; use a multiple of 128 (got {page_size})")
-        if num_pages % (split * seq_split):
-            raise ConfigError(f"num_pages: {num_pages} pages do not split over the mesh's {split} slot groups x "
-                              f"{seq_split} sequence shards; use a multiple of {split * seq_split}")
-        if (max_len // page_size) % seq_split:
-            raise ConfigError(f"max_len: {max_len} positions are not whole pages of {page_size} on each of the "
-                              f"{seq_split} sequence shards")
+    check_split(config, slots=slots, max_len=max_len, quant=kv_quant, lane_padded=True, page_size=page_size,
+                num_pages=num_pages, slot_axes=batch_axes, slot_split=split, seq_axes=seq_axes, seq_split=seq_split,
+                error=ConfigError)
 
     options = serve_options(dtype, scan_layers)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

@@ -28,7 +28,7 @@ from glmjax.errors import InputError
 from glmjax.model.options import ModelOptions
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.serve import steps
-from glmjax.serve.kv_cache import KVCache, Quant, init_cache, position_alignment
+from glmjax.serve.kv_cache import KVCache, Quant, cache_shapes, check_split, init_cache
 from glmjax.serve.paging import PageAllocator
 from glmjax.serve.requests import Request, fold_seed
 from glmjax.serve.sampling import sampling_arrays
@@ -220,24 +220,31 @@ class Engine:
         self.eos_ids = frozenset(e for e in eos if e is not None)
         dtype = jnp.dtype(config.cache_dtype) if config.cache_dtype else model.options.dtype
         lane_padded = model.options.attention_impl == "pallas_tpu"
-        if lane_padded and config.page_size is not None and config.page_size % 128:
-            raise InputError(f"page_size: the TPU indexer kernel reads the keys through the page tables in blocks "
-                             f"of 128 positions or more; use a multiple of 128 (got {config.page_size})")
-        self.cache = init_cache(cfg, config.slots, config.max_len, mtp=bool(k), dtype=dtype,
-                                lane_padded=lane_padded, scan_layers=model.options.scan_layers,
-                                quant=config.kv_quant, key_dtype=index_key_dtype(model.options),
-                                page_size=config.page_size, num_pages=config.pool_pages)
-        self._slot_groups = self._seq_shards = 1
-        self.state = steps.init_state(config.slots, k, cfg.vocab_size, self.sampled_drafts)
+        layout = dict(mtp=bool(k), dtype=dtype, lane_padded=lane_padded, scan_layers=model.options.scan_layers,
+                      quant=config.kv_quant, key_dtype=index_key_dtype(model.options), page_size=config.page_size,
+                      num_pages=config.pool_pages)
+        splits = dict(slot_split=1, seq_split=1)
         if mesh is not None:
-            self._place_on(mesh)
+            with logical_rules(self.rules):
+                slot_axes, seq_axes = mesh_axes("batch", mesh), mesh_axes("kv_seq", mesh)
+            splits = dict(slot_axes=slot_axes, slot_split=mesh_size(slot_axes, mesh), seq_axes=seq_axes,
+                          seq_split=mesh_size(seq_axes, mesh))
+        check_split(cfg, slots=config.slots, max_len=config.max_len, quant=config.kv_quant, lane_padded=lane_padded,
+                    page_size=config.page_size, num_pages=config.pool_pages, **splits)
+        state = steps.init_state(config.slots, k, cfg.vocab_size, self.sampled_drafts)
+        if mesh is not None:  # the cache is created split as it is served: never whole on one device
+            shard_model(model, mesh, self.rules)
+            cache_sh, state_sh = slot_shardings(cache_shapes(cfg, config.slots, config.max_len, **layout), state,
+                                                mesh, self.rules)
         else:  # committed from the start: the programs see the same argument shardings on every call
-            self.cache, self.state = jax.device_put((self.cache, self.state), jax.devices()[0])
+            cache_sh = state_sh = jax.devices()[0]
+        self.cache = init_cache(cfg, config.slots, config.max_len, sharding=cache_sh, **layout)
+        self.state = jax.device_put(state, state_sh)
         self.pages = None
-        if config.page_size is not None:  # each group of slots (split over the mesh) has its own pages
+        if config.page_size is not None:  # each slot group's pages, in parts per sequence shard
             self.pages = PageAllocator(config.pool_pages, config.page_size, config.slots,
-                                       config.max_len // config.page_size, groups=self._slot_groups,
-                                       seq_shards=self._seq_shards)
+                                       config.max_len // config.page_size, groups=splits["slot_split"],
+                                       seq_shards=splits["seq_split"])
         # The programs take the parameters as a flat list of arrays: jit flattens a list in C++, while an nnx
         # State's Variables flatten in Python (~1 ms per call for the demo's 100 arrays).
         self.graphdef, params = nnx.split(model)
@@ -246,34 +253,6 @@ class Engine:
         self._served = 0
         # waited: admissions deferred because a request's cache pages were not free (a paged cache)
         self.stats = dict(prefill_s=0.0, step_s=0.0, steps=0, waited=0)
-
-    def _place_on(self, mesh: Mesh) -> None:
-        with logical_rules(self.rules):
-            n = mesh_size(mesh_axes("batch", mesh), mesh)
-            if self.config.slots % n:
-                raise InputError(f"slots: {self.config.slots} slots do not split over the mesh's batch axes "
-                                 f"{list(mesh_axes('batch', mesh))} ({n} devices); use a multiple of {n}")
-            m = mesh_size(mesh_axes("kv_seq", mesh), mesh)
-            if self.config.page_size is not None:
-                if self.config.pool_pages % (n * m):
-                    raise InputError(f"num_pages: {self.config.pool_pages} pages do not split over the mesh's "
-                                     f"{n} slot groups x {m} sequence shards; use a multiple of {n * m}")
-                if (self.config.max_len // self.config.page_size) % m:
-                    raise InputError(f"max_len: {self.config.max_len} positions are not whole pages of "
-                                     f"{self.config.page_size} on each of the {m} sequence shards; use a multiple "
-                                     f"of {m * self.config.page_size}")
-            self._slot_groups, self._seq_shards = n, m
-            # The TPU FP8 layout packs several positions per stored row: a shard holds whole rows.
-            align = position_alignment(self.model.config, self.config.kv_quant,
-                                       self.model.options.attention_impl == "pallas_tpu")
-            if self.config.max_len % (m * align):
-                raise InputError(f"max_len: {self.config.max_len} positions do not split over the cache's "
-                                 f"sequence axes {list(mesh_axes('kv_seq', mesh))} ({m} devices"
-                                 f"{f' x {align} positions per packed row' if align > 1 else ''}); use a multiple "
-                                 f"of {m * align}")
-            shard_model(self.model, mesh, self.rules)
-            self.cache, self.state = jax.device_put((self.cache, self.state),
-                                                    slot_shardings(self.cache, self.state, mesh, self.rules))
 
     # ------------------------------------------------------------------------------------------ programs
 

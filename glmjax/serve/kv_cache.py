@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from glmjax.config import GlmMoeDsaConfig
+from glmjax.errors import InputError
 from glmjax.model.attention import Keys, Projection
 from glmjax.model.decoder import plan_segments
 from pallas_kernels.quantize import (
@@ -171,15 +172,50 @@ def init_cache(cfg: GlmMoeDsaConfig, slots: int, max_len: int, *, mtp: bool, dty
                lane_padded: bool = False, scan_layers: bool = True, quant: Quant = "none", key_dtype=jnp.int8,
                page_size: int | None = None, num_pages: int | None = None, sharding=None) -> KVCache:
     """A zeroed cache for `slots` sequences of up to `max_len` tokens (see cache_shapes; a paged cache's table
-    is all -1: no page assigned); `sharding`: a jax.sharding.Sharding for every array (e.g. replicated on a
-    mesh)."""
+    is all -1: no page assigned). `sharding`: where every array is created, in place (no copy of the whole
+    cache on one device first): one jax.sharding.Sharding or Device for all, or a KVCache of them (the
+    engine's slot_shardings)."""
     shapes = cache_shapes(cfg, slots, max_len, mtp=mtp, dtype=dtype, lane_padded=lane_padded,
                           scan_layers=scan_layers, quant=quant, key_dtype=key_dtype, page_size=page_size,
                           num_pages=num_pages)
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=sharding), shapes)
+    if isinstance(sharding, KVCache):
+        cache = jax.tree.map(lambda s, where: jnp.zeros(s.shape, s.dtype, device=where), shapes, sharding)
+        table = sharding.pages
+    else:
+        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=sharding), shapes)
+        table = sharding
     if cache.paged:
-        cache = cache._replace(pages=jnp.full(cache.pages.shape, -1, jnp.int32, device=sharding))
+        cache = cache._replace(pages=jnp.full(cache.pages.shape, -1, jnp.int32, device=table))
     return cache
+
+
+def check_split(cfg: GlmMoeDsaConfig, *, slots: int, max_len: int, quant: Quant, lane_padded: bool,
+                page_size: int | None = None, num_pages: int | None = None, slot_axes: tuple[str, ...] = (),
+                slot_split: int = 1, seq_axes: tuple[str, ...] = (), seq_split: int = 1, error=InputError) -> None:
+    """Raises `error` (naming the field and the multiple to use) unless the cache splits as a mesh would split
+    it: slots over the slot_axes (slot_split devices), every slot's positions over the seq_axes (seq_split
+    devices) in whole packed rows (position_alignment), and a paged cache's pages over both, whole pages on
+    each sequence shard. lane_padded (the Pallas TPU kernels) pages hold a multiple of 128 positions: the TPU
+    indexer kernel reads keys through the page tables in blocks of 128 or more."""
+    if slots % slot_split:
+        raise error(f"slots: {slots} slots do not split over the mesh's batch axes {list(slot_axes)} "
+                    f"({slot_split} devices); use a multiple of {slot_split}")
+    align = position_alignment(cfg, quant, lane_padded)
+    if max_len % (seq_split * align):
+        raise error(f"max_len: {max_len} positions do not split over the cache's sequence axes {list(seq_axes)} "
+                    f"({seq_split} devices{f' x {align} positions per packed row' if align > 1 else ''}); use a "
+                    f"multiple of {seq_split * align}")
+    if page_size is None:
+        return
+    if lane_padded and page_size % 128:
+        raise error(f"page_size: the TPU indexer kernel reads the keys through the page tables in blocks of 128 "
+                    f"positions or more; use a multiple of 128 (got {page_size})")
+    if num_pages % (slot_split * seq_split):
+        raise error(f"num_pages: {num_pages} pages do not split over the mesh's {slot_split} slot groups x "
+                    f"{seq_split} sequence shards; use a multiple of {slot_split * seq_split}")
+    if (max_len // page_size) % seq_split:
+        raise error(f"max_len: {max_len} positions are not whole pages of {page_size} on each of the {seq_split} "
+                    f"sequence shards; use a multiple of {seq_split * page_size}")
 
 
 def cache_bytes(cache: KVCache) -> int:
