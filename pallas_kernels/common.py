@@ -44,18 +44,24 @@ def from_query_blocks(y: jax.Array, T: int) -> jax.Array:
     return y.reshape(y.shape[0], -1, *y.shape[3:])[:, :T]
 
 
-def map_query_blocks(fn, q_block: int, *arrays: jax.Array, pad_values=None):
+def map_query_blocks(fn, q_block: int, *arrays: jax.Array, pad_values=None, remat: bool = False):
     """Applies fn to consecutive blocks of axis 1 (the query axis) of each array, one block at a time
     (lax.map keeps only one block's intermediates live), and concatenates the outputs along axis 1.
 
     Blocks are min(q_block, T) long; the last is padded with pad_values (one per array, default 0) and the
-    padded outputs are sliced off."""
+    padded outputs are sliced off.
+
+    remat: differentiate fn as a checkpoint. Without it, the map's linearisation saves every block's
+    residuals (gathered rows, logits) stacked over all blocks until the backward pass: the whole [T, K, D]
+    gather the blocking exists to avoid (16 GiB per chip for GLM-5.2's indexer at 32K queries). With it the
+    backward pass recomputes one block at a time from the block's inputs."""
     check_q_block(q_block)
     T = arrays[0].shape[1]
     bq = min(q_block, T)
     pad_values = (0,) * len(arrays) if pad_values is None else pad_values
     blocked = [to_query_blocks(a, bq, v) for a, v in zip(arrays, pad_values, strict=True)]
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(blocked))
+    body = jax.checkpoint(fn) if remat else fn
+    out = jax.lax.map(lambda xs: body(*xs), tuple(blocked))
     return jax.tree.map(lambda y: from_query_blocks(y, T), out)
 
 

@@ -3,7 +3,8 @@
 The indexer loss compares, per query, the indexer's distribution over the selected keys with attention's
 (`pallas_kernels.sparse_mla.attention_probs_at`). Only K scores per query are needed, so this gathers the K
 keys instead of scoring all S: memory per query block is [B, bq, K, D] gathered keys and [B, bq, H, K]
-logits; no [T, S] array exists. Pure JAX, differentiated by autodiff.
+logits; no [T, S] array exists, in the backward pass either (each block is a checkpoint, recomputed
+one at a time). Pure JAX, differentiated by autodiff.
 """
 
 from __future__ import annotations
@@ -29,4 +30,4 @@ def indexer_scores_at(q, k, w, indices, *, scale: float, q_block: int):
         scores = jnp.einsum("bqhk,bqh->bqk", jax.nn.relu(logits * scale), wb.astype(jnp.float32))
         return jnp.where(ib >= 0, scores, -jnp.inf)
 
-    return map_query_blocks(block, q_block, q, w, indices, pad_values=(0, 0, -1))
+    return map_query_blocks(block, q_block, q, w, indices, pad_values=(0, 0, -1), remat=True)
