@@ -306,3 +306,13 @@ def test_tokenizer_trains_and_round_trips_python(tmp_path, small_tokenizer):
     assert demo.path.name == "tokenizer.json" and again.get_vocab_size() == 300 and demo.eos_id == 1
     reused = tokmod.build_demo_tokenizer(tmp_path, 300, root=root / "json")  # a resumed run keeps its ids
     assert reused.seconds == 0.0 and reused.path.read_bytes() == demo.path.read_bytes()
+    # A tokenizer of another corpus, split or size is refused, never silently reused or retrained over.
+    with pytest.raises(ValueError, match="corpus_sha256"):
+        tokmod.build_demo_tokenizer(tmp_path, 300, root=root / "email")
+    with pytest.raises(ValueError, match="vocab_size 300 there, 301 here"):
+        tokmod.build_demo_tokenizer(tmp_path, 301, root=root / "json")
+    with pytest.raises(ValueError, match="validation_fraction"):
+        tokmod.build_demo_tokenizer(tmp_path, 300, root=root / "json", validation_fraction=0.5)
+    (tmp_path / tokmod.MANIFEST).unlink()
+    with pytest.raises(ValueError, match="has no record of its corpus"):
+        tokmod.build_demo_tokenizer(tmp_path, 300, root=root / "json")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import sys
 import sysconfig
 import time
@@ -85,6 +86,19 @@ def train_bpe(files: Sequence[Path], vocab_size: int, *, special_tokens: Sequenc
     return tok
 
 
+def corpus_digest(files: Sequence[Path], root: Path) -> str:
+    """sha256 over the training files' paths (relative to the corpus root) and contents: names the corpus a
+    tokenizer was trained on, whatever machine or Python it came from."""
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+MANIFEST = "tokenizer.corpus.json"  # beside tokenizer.json: what it was trained on
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoTokenizer:
     """What `build_demo_tokenizer` made: the saved tokenizer, the corpus split, the special ids, the time."""
@@ -100,23 +114,37 @@ class DemoTokenizer:
 def build_demo_tokenizer(out_dir: str | Path, vocab_size: int = 4096, *, validation_fraction: float = 0.05,
                          seed: int = 0, root: Path | None = None) -> DemoTokenizer:
     """Trains on the training files of the stdlib corpus (the validation files stay unseen) and saves
-    OUT_DIR/tokenizer.json; a tokenizer.json of the same vocabulary size already there is reused (seconds 0),
-    so a resumed run keeps the token ids its checkpoints were trained on."""
+    OUT_DIR/tokenizer.json, with OUT_DIR/tokenizer.corpus.json recording the vocabulary size, the split and a
+    digest of the training files. A tokenizer already there is reused (seconds 0) when its record matches, so
+    a resumed run keeps the token ids its checkpoints were trained on; one from another corpus, split or
+    vocabulary size (or with no record) is an error (ValueError)."""
     root = stdlib_root() if root is None else Path(root)
     train, val = split_files(stdlib_sources(root), root, validation_fraction, seed=seed)
     if not train:
         raise ValueError(f"no Python sources under {root}")
     out = Path(out_dir)
-    saved = out / "tokenizer.json"
-    if saved.exists() and (tok := Tokenizer.from_file(str(saved))).get_vocab_size() == vocab_size:
+    saved, manifest_path = out / "tokenizer.json", out / MANIFEST
+    manifest = {"vocab_size": vocab_size, "validation_fraction": validation_fraction, "seed": seed,
+                "train_files": len(train), "corpus_sha256": corpus_digest(train, root)}
+    if saved.exists():
+        # A resumed run must keep the token ids its checkpoints were trained on, so the tokenizer there is
+        # reused only if it was trained on this very corpus and split; anything else is refused, not retrained.
+        found = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        if found != manifest:
+            why = ("has no record of its corpus" if found is None else
+                   "was trained on another corpus or split: " + ", ".join(
+                       f"{k} {found.get(k)!r} there, {v!r} here" for k, v in manifest.items() if found.get(k) != v))
+            raise ValueError(f"{saved} {why}. Its ids would not match this corpus; choose another output "
+                             "directory, or delete it (and the checkpoints trained with it) to start over")
+        tok = Tokenizer.from_file(str(saved))
         return DemoTokenizer(saved, tuple(train), tuple(val), tok.token_to_id(PAD), tok.token_to_id(EOS), 0.0)
     t0 = time.perf_counter()
     tok = train_bpe(train, vocab_size)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")  # first: a crash between leaves no orphan
     tok.save(str(saved))
-    return DemoTokenizer(out / "tokenizer.json", tuple(train), tuple(val), tok.token_to_id(PAD),
-                         tok.token_to_id(EOS), seconds)
+    return DemoTokenizer(saved, tuple(train), tuple(val), tok.token_to_id(PAD), tok.token_to_id(EOS), seconds)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

@@ -60,7 +60,10 @@ def resolve_demo(cfg: TrainConfig, log=print) -> tuple[TrainConfig, int | None]:
         raise ConfigError("data.train_files: a [demo] preset takes its files from the Python standard library; "
                           "remove [demo] to train on your own files")
     out = Path(cfg.run.output_dir)
-    demo = build_demo_tokenizer(out, cfg.demo.tokenizer_vocab, validation_fraction=cfg.demo.validation_fraction)
+    try:
+        demo = build_demo_tokenizer(out, cfg.demo.tokenizer_vocab, validation_fraction=cfg.demo.validation_fraction)
+    except ValueError as e:
+        raise ConfigError(f"run.output_dir: {e}") from None
     made = f"trained in {demo.seconds:.1f} s" if demo.seconds else "reused"
     log(f"demo: tokenizer of {cfg.demo.tokenizer_vocab} tokens on {len(demo.train_files)} stdlib files "
         f"({len(demo.validation_files)} held out), {made} -> {demo.path}")
