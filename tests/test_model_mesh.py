@@ -113,3 +113,37 @@ def test_context_axis_must_divide_the_sequence():
     ids = jnp.zeros((B, 36), jnp.int32)  # divisible by context 4, not by the 2 * 4 load-balanced chunks
     with pytest.raises(ValueError, match="divisible by 2 \\* context"):
         run(tiny_model(), ids, jnp.ones_like(ids), mesh=make_mesh({"context": 4, "tensor": 2}))
+
+
+def test_dense_warmup_kl_on_a_mesh():
+    """The dense warm-up (dense attention, the indexers' KL over every key per IndexShare group, queries split
+    over context x tensor with whole heads) gives the unsharded KL terms and indexer gradients, under remat,
+    on packed documents with padding."""
+    ids, mask = batch()
+    segments = jnp.where(jnp.arange(T) < 13, 1, 2)[None].repeat(B, 0) * mask
+
+    def kl_grad(model, mesh=None):
+        def total(m, ids, segments):
+            out = m.backbone(ids, segment_ids=segments)
+            kl = jnp.concatenate([out.aux.indexer_kl, out.mtp_aux.indexer_kl[:1]])
+            n = jnp.concatenate([out.aux.indexer_tokens, out.mtp_aux.indexer_tokens[:1]])
+            return jnp.sum(kl), (kl, n)
+
+        step = nnx.jit(nnx.grad(total, has_aux=True))
+        if mesh is None:
+            return step(model, ids, segments)
+        shard_model(model, mesh)
+        spec = jax.NamedSharding(mesh, logical_to_spec(("batch", "seq"), ids.shape, mesh=mesh))
+        with jax.set_mesh(mesh):
+            return step(model, jax.device_put(ids, spec), jax.device_put(segments, spec))
+
+    opts = dict(dense_attention=True, indexer_loss=True)
+    grads_ref, (kl_ref, n_ref) = kl_grad(tiny_model(**opts))
+    grads, (kl, n) = kl_grad(tiny_model(remat="nothing", **opts), make_mesh(MESHES["all_axes"]))
+    np.testing.assert_array_equal(n, n_ref)
+    assert np.all(np.asarray(kl_ref) > 0)
+    np.testing.assert_allclose(kl, kl_ref, rtol=1e-5)
+    flat, flat_ref = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(grads_ref))
+    for path, v in flat_ref.items():
+        a, b = np.asarray(flat[path][...]), np.asarray(v[...])
+        np.testing.assert_allclose(a, b, atol=1e-6 + 1e-4 * np.abs(b).max(), err_msg=str(path))

@@ -35,6 +35,7 @@ from glmjax.model.layers import LayerNorm, Linear, RMSNorm
 from glmjax.model.options import ModelOptions
 from glmjax.model.rope import apply_rope
 from glmjax.sharding import constrain
+from pallas_kernels.dense_warmup import dense_indexer_kl, dense_mla
 from pallas_kernels.dsa_indexer import indexer_scores_at, indexer_topk
 from pallas_kernels.quantize import QuantizedRows
 from pallas_kernels.sparse_mla import attention_probs_at, merge_shards, sparse_mla
@@ -81,17 +82,35 @@ class Projection(NamedTuple):
     index_keys: jax.Array | None
 
 
+class DenseTarget(NamedTuple):
+    """What the dense warm-up's indexer KL needs of one attention layer (ModelOptions.dense_attention with
+    indexer_loss), laid out like the layer's tokens: q [B,T,H,r+p] its absorbed queries, kv [B,T,r+p] the
+    latent rows it attended, lse [B,T,H] its log-sum-exp (no gradient); on a full layer also its indexer's
+    queries iq [B,T,HI,DI], keys ik [B,T,DI] and head weights iw [B,T,HI] (else None)."""
+
+    q: jax.Array
+    kv: jax.Array
+    lse: jax.Array
+    iq: jax.Array | None = None
+    ik: jax.Array | None = None
+    iw: jax.Array | None = None
+
+
 class AttentionAux(NamedTuple):
     """What the DSA indexer loss needs (only when ModelOptions.indexer_loss): probs [B,T,K] the attention
     probabilities summed over heads at the selected keys (no gradient), index_logits [B,T,K] the indexer's
-    scores there (full layers, with gradient to the indexer's parameters; -inf in empty slots).
+    scores there (full layers, with gradient to the indexer's parameters; -inf in empty slots). Under
+    dense_attention both are None and `dense` carries what the KL over every key is computed from.
     latent [B,T,r+p]: the latent rows of this call's own tokens (its KV; what a later MTP step shares).
-    keys: the Keys attended over when a cache `update` was given (the updated cache)."""
+    keys: the Keys attended over when a cache `update` was given (the updated cache). lse: dense attention's
+    log-sum-exp [B,T,H] on its way out of the mesh-level call (folded into `dense`)."""
 
     probs: jax.Array | None
     index_logits: jax.Array | None
     latent: jax.Array | None = None
     keys: Keys | None = None
+    dense: DenseTarget | None = None
+    lse: jax.Array | None = None
 
 
 # A KV-cache hook (the serving engine's): writes a Projection's new rows into a cache and returns the Keys to
@@ -208,6 +227,9 @@ class MLAttention(nnx.Module):
             proj = proj._replace(index_q=None, index_w=None)
             keys = keys._replace(index_keys=None)
         o_lat, topk, aux = self._attend_sharded(proj, keys, info, topk, own)
+        if aux.lse is not None:  # dense warm-up with the indexer loss: the KL is taken per IndexShare group
+            aux = aux._replace(lse=None, dense=DenseTarget(proj.q, keys.latent, aux.lse, proj.index_q,
+                                                           keys.index_keys, proj.index_w))
         w_uv = self.kv_b_proj.weight[...].astype(opts.dtype)[..., cfg.qk_nope_head_dim:]
         o = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv, preferred_element_type=jnp.float32)
         o = constrain(o.astype(opts.dtype), ("batch", "seq", "act_heads", None))
@@ -248,6 +270,8 @@ class MLAttention(nnx.Module):
                              f"(heads over {head_axes}, indexer heads over {index_head_axes})")
         if kv_axes and self.opts.indexer_loss:
             raise NotImplementedError("the indexer loss over a sequence-sharded KV cache")
+        if self.opts.dense_attention and not own:
+            raise NotImplementedError("dense attention (the DSA warm-up) over a KV cache")
 
         def core(a):
             kv, ik, kvalid, tok, start = a["kv"], a["ik"], a["kvalid"], a["tok"], a["start"]
@@ -289,7 +313,8 @@ class MLAttention(nnx.Module):
                     for k, v in args.items()}
         row = sharding.logical_to_spec(("batch", "seq", None), mesh=mesh)
         out_specs = (sharding.logical_to_spec(("batch", "seq", "act_heads", None), mesh=mesh),
-                     sharding.logical_to_spec(topk_axes, mesh=mesh), AttentionAux(row, row))
+                     sharding.logical_to_spec(topk_axes, mesh=mesh),
+                     AttentionAux(row, row, lse=sharding.logical_to_spec(("batch", "seq", "act_heads"), mesh=mesh)))
         # check_vma=False: Pallas interpret mode cannot evaluate kernels on values typed as varying over manual
         # axes. Without the typing, the cotangent of an input replicated over an axis (kv over tensor) is
         # still summed over that axis by shard_map's transpose: the mesh tests check every gradient.
@@ -306,6 +331,13 @@ class MLAttention(nnx.Module):
         call's rows are replicated over (a prefill chunk): only the shard holding a row's pages selects and
         attends for it, and the results merge over them."""
         cfg, opts = self.cfg, self.opts
+        if opts.dense_attention:
+            # Every allowed key, blockwise (no [T, S] array); no top-k is selected, and a shared layer ignores
+            # the empty one it is handed. The indexer KL is the group's (decoder.LayerGroup), from the lse.
+            o_lat, lse = dense_mla(q, kv, key_valid=kvalid, query_index=tok, query_start=start, scale=self.scale,
+                                   v_dim=cfg.kv_lora_rank, q_block=opts.q_block)
+            topk = jnp.zeros((*tok.shape, 0), jnp.int32)
+            return o_lat, topk, AttentionAux(None, None, lse=lse if opts.indexer_loss else None)
         common = dict(q_block=opts.q_block, impl=opts.attention_impl, interpret=opts.interpret)
         page = None
         if pages is not None:
@@ -323,7 +355,7 @@ class MLAttention(nnx.Module):
             topk = indexer_topk(
                 jax.lax.stop_gradient(iq), jax.lax.stop_gradient(ik), jax.lax.stop_gradient(iw), k_scale=ik_scale,
                 key_valid=kvalid, query_index=tok, query_start=start,
-                topk=kvalid.shape[1] if opts.dense_attention else cfg.index_topk,
+                topk=cfg.index_topk,
                 scale=cfg.index_head_dim**-0.5, reduce_scores=psum_scores, key_shards=merge_axes,
                 pages=kernel_pages, **common)
             if pool_split:  # one shard selected (logical positions), the others hold only empty slots
@@ -343,6 +375,48 @@ class MLAttention(nnx.Module):
                     logits = jax.lax.psum(logits, index_head_axes)
                 logits = jnp.where(topk >= 0, logits, -jnp.inf)
         return o_lat, topk, AttentionAux(probs, logits)
+
+
+def dense_indexer_loss(targets: list[DenseTarget], info: SequenceInfo, *, scale: float, index_scale: float,
+                       q_block: int) -> tuple[jax.Array, jax.Array]:
+    """The dense warm-up's indexer loss of one IndexShare group: targets[0] is the full layer's (with its
+    indexer), the rest the layers sharing its selection. -> (sum over valid queries of KL(p || softmax(
+    indexer scores)) over every allowed key, p the group's head-summed, layer-averaged, L1-normalised
+    attention; the number of such queries), as decoder.indexer_kl gives for the sparse stage.
+
+    On a mesh the queries are split over the residual stream's axes ("res_seq": context x tensor) with every
+    head whole, so each device computes whole distributions for its share of the queries and no [q, k]
+    block is ever reduced across devices; the keys are gathered in natural order."""
+    full = targets[0]
+    mesh = sharding.current_mesh()
+    seq_axes = sharding.mesh_axes("seq", mesh)
+    cp = sharding.mesh_size(seq_axes, mesh)
+
+    def local(a):
+        kvalid = gather_natural(a["kvalid"], seq_axes, cp) if cp > 1 else a["kvalid"]
+        nat = (lambda x: gather_natural(x, seq_axes, cp)) if cp > 1 else (lambda x: x)
+        layers = tuple((q, nat(kv), lse) for q, kv, lse in a["targets"])
+        kl, has = dense_indexer_kl(layers, a["iq"], nat(a["ik"]), a["iw"], key_valid=kvalid,
+                                   query_index=a["tok"], query_start=a["start"], scale=scale,
+                                   index_scale=index_scale, q_block=q_block)
+        return jnp.where(has & a["valid"], kl, 0.0), (has & a["valid"]).astype(jnp.float32)
+
+    args = dict(targets=[(t.q, t.kv, t.lse) for t in targets], iq=full.iq, ik=full.ik, iw=full.iw,
+                kvalid=info.valid, valid=info.valid, tok=info.token_index, start=info.doc_start)
+    if mesh is None:
+        kl, n = local(args)
+    else:
+        def spec(*axes):
+            return sharding.logical_to_spec(axes, mesh=mesh)
+
+        rows = spec("batch", "res_seq")
+        keys = spec("batch", "seq", None)
+        in_specs = dict(targets=[(spec("batch", "res_seq", None, None), keys, spec("batch", "res_seq", None))
+                                 for _ in targets],
+                        iq=spec("batch", "res_seq", None, None), ik=keys, iw=spec("batch", "res_seq", None),
+                        kvalid=spec("batch", "seq"), valid=rows, tok=rows, start=rows)
+        kl, n = jax.shard_map(local, in_specs=(in_specs,), out_specs=(rows, rows), check_vma=False)(args)
+    return jnp.sum(kl), jnp.sum(n)
 
 
 def _local_pages(pages: jax.Array, kvalid: jax.Array, page: int, held: int, pool_axes: tuple[str, ...]):

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from glmjax.config import GlmMoeDsaConfig
-from glmjax.model.attention import CacheUpdate, Keys, MLAttention, SequenceInfo
+from glmjax.model.attention import CacheUpdate, Keys, MLAttention, SequenceInfo, dense_indexer_loss
 from glmjax.model.layers import RMSNorm
 from glmjax.model.mlp import MLP
 from glmjax.model.moe import MoE, MoEStats
@@ -150,6 +150,14 @@ def indexer_kl(probs: list[jax.Array], index_logits: jax.Array, valid: jax.Array
     return jnp.sum(jnp.where(ok, kl, 0.0)), jnp.sum(ok).astype(jnp.float32)
 
 
+def group_dense_kl(full_layer: DecoderLayer, targets, info: SequenceInfo) -> tuple[jax.Array, jax.Array]:
+    """indexer_kl for the dense warm-up: over every allowed key, from each layer's DenseTarget (the first
+    is the full layer's), blockwise (attention.dense_indexer_loss)."""
+    attn = full_layer.self_attn
+    return dense_indexer_loss(targets, info, scale=attn.scale, index_scale=attn.cfg.index_head_dim**-0.5,
+                              q_block=attn.opts.q_block)
+
+
 class LayerGroup(nnx.Module):
     """One IndexShare group: the full layer, then the shared layers reusing its top-k."""
 
@@ -159,18 +167,22 @@ class LayerGroup(nnx.Module):
         self.remat = opts.remat
 
     def __call__(self, x: jax.Array, info: SequenceInfo) -> tuple[jax.Array, GroupAux]:
-        topk, probs, logits, stats = None, [], None, []
+        topk, probs, logits, dense, stats = None, [], None, [], []
         for layer in self.layers:
             x, topk, attn_aux, moe_stats = remat_layer(layer, self.remat, x, info, topk)
             if attn_aux.index_logits is not None:
                 logits = attn_aux.index_logits
             if attn_aux.probs is not None:
                 probs.append(attn_aux.probs)
+            if attn_aux.dense is not None:
+                dense.append(attn_aux.dense)
             if moe_stats is not None:
                 stats.append(moe_stats)
         moe = jax.tree.map(lambda *s: jnp.stack(s), *stats) if stats else None
         if probs:
             kl, n = indexer_kl(probs, logits, info.valid)
+        elif dense:
+            kl, n = group_dense_kl(self.layers[0], dense, info)
         else:
             kl = n = jnp.zeros((), jnp.float32)
         return x, GroupAux(moe, kl, n)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from glmjax.config import GlmMoeDsaConfig
 from glmjax.model.attention import CacheUpdate, Keys, SequenceInfo
-from glmjax.model.decoder import DecoderLayer, GroupAux, LayerKind, indexer_kl, remat_layer
+from glmjax.model.decoder import DecoderLayer, GroupAux, LayerKind, group_dense_kl, indexer_kl, remat_layer
 from glmjax.model.layers import Linear, RMSNorm
 from glmjax.model.options import ModelOptions
 from glmjax.sharding import residual
@@ -75,6 +75,8 @@ class MTPLayer(nnx.Module):
                                                  update)
         if attn_aux.probs is not None and attn_aux.index_logits is not None:
             kl, n = indexer_kl([attn_aux.probs], attn_aux.index_logits, info.valid)
+        elif attn_aux.dense is not None and attn_aux.dense.iq is not None:  # dense warm-up, a selecting step
+            kl, n = group_dense_kl(self.decoder, [attn_aux.dense], info)
         else:
             kl = n = jnp.zeros((), jnp.float32)
         moe = jax.tree.map(lambda a: a[None], stats)

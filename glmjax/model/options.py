@@ -35,10 +35,11 @@ class ModelOptions:
     indexer_loss: collect the DSA indexer's KL terms (sparse stage) in the auxiliary outputs.
     moe_gmm_impl, moe_capacity_factor: the MoE's grouped matmul and expert-parallel exchange slots (see
     glmjax.model.moe.MoE); interpret also runs megablox in interpret mode.
-    dense_attention: every query attends to all its valid keys (the full layers' selection takes every key,
-    K = S, sorted by indexer score): the DSA dense warm-up, where the indexer learns the dense attention's
-    distribution (with indexer_loss, its KL is then over every key). O(T x S) selection and probabilities
-    per sequence, so for warm-up lengths, not 128K.
+    dense_attention: every query attends to all its allowed keys and no top-k is selected: the DSA dense
+    warm-up, where the indexer learns the dense attention's distribution (with indexer_loss, its KL is then
+    over every key, per IndexShare group). Blockwise pure JAX (pallas_kernels.dense_warmup), O(q_block x
+    k_block) memory at any length, whatever attention_impl says. Forward-only: the attention passes no
+    gradient to the model, which the warm-up freezes (only the indexers train, on their detached inputs).
     scan_layers: stack identical IndexShare groups and run them with lax.scan (training: compile time does
     not grow with depth). False gives every group its own parameters and runs them one after the other
     (serving, as MaxText decodes from unscanned checkpoints): a scan slices each layer's weights out of the

@@ -139,10 +139,6 @@ class DemoConfig:
 DEMO_FILES = ("python-stdlib",)  # data.train_files of a demo preset until the trainer fills them in
 
 
-# The dense warm-up selects every key (K = S): its selection, probabilities and gathered rows grow with T x T.
-DENSE_WARMUP_MAX_SEQ_LEN = 8192
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection
@@ -153,13 +149,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     run: RunConfig
     demo: DemoConfig | None = None
-
-    def __post_init__(self):
-        if self.run.stage == "dense_warmup" and self.data.seq_len > DENSE_WARMUP_MAX_SEQ_LEN:
-            raise ConfigError(
-                f"data.seq_len: {self.data.seq_len} is too long for run.stage dense_warmup (at most "
-                f"{DENSE_WARMUP_MAX_SEQ_LEN}): the warm-up attends to every key (ModelOptions.dense_attention), "
-                "holding [T, T] selections and probabilities per sequence; warm up at a shorter length")
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
