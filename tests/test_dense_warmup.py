@@ -49,7 +49,7 @@ def test_dense_mla_equals_attention_over_every_selected_key(q_block, k_block):
                                atol=2e-6)
 
 
-@pytest.mark.parametrize("q_block,k_block", [(16, 8), (7, 5)])
+@pytest.mark.parametrize("q_block,k_block", [(7, 5)])  # blocks that divide nothing
 def test_dense_indexer_kl_and_gradient_equal_the_kl_over_every_selected_key(q_block, k_block):
     """Two layers share the indexer (an IndexShare group): p is their head-summed, averaged, L1-normalised
     attention."""
