@@ -96,8 +96,7 @@ CASES = [("reference", m, REMAT_ON_MESH[m]) for m in MESHES] + [
     for m in MESHES]
 
 
-IDS = [f"{c.values[0]}-{c.values[1]}-remat_{c.values[2]}" if hasattr(c, "values") else f"{c[0]}-{c[1]}-remat_{c[2]}"
-       for c in CASES]
+IDS = ["{}-{}-remat_{}".format(*getattr(c, "values", c)) for c in CASES]  # a pytest.param keeps its in .values
 
 
 @pytest.mark.parametrize("impl,mesh_name,remat", CASES, ids=IDS)

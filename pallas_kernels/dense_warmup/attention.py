@@ -53,14 +53,13 @@ def dense_mla(q, kv, *, key_valid, query_index, query_start, scale: float, v_dim
 
     def block(qb, qi, qs):
         B, bq, H, _ = qb.shape
-        qf = qb
 
         def step(j, carry):
             m, l, acc = carry
             start = j * k_block
             rows = jax.lax.dynamic_slice_in_dim(kv, start, k_block, axis=1)
             ok = block_mask(kvalid, qi, qs, start, k_block)[:, :, None, :]  # [B,bq,1,bk]
-            s = jnp.einsum("bqhd,bkd->bqhk", qf, rows[..., :Dk], preferred_element_type=jnp.float32) * scale
+            s = jnp.einsum("bqhd,bkd->bqhk", qb, rows[..., :Dk], preferred_element_type=jnp.float32) * scale
             s = jnp.where(ok, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
