@@ -393,8 +393,8 @@ def dense_indexer_loss(targets: list[DenseTarget], info: SequenceInfo, *, scale:
     cp = sharding.mesh_size(seq_axes, mesh)
 
     def local(a):
-        kvalid = gather_natural(a["kvalid"], seq_axes, cp) if cp > 1 else a["kvalid"]
         nat = (lambda x: gather_natural(x, seq_axes, cp)) if cp > 1 else (lambda x: x)
+        kvalid = nat(a["kvalid"])
         layers = tuple((q, nat(kv), lse) for q, kv, lse in a["targets"])
         kl, has = dense_indexer_kl(layers, a["iq"], nat(a["ik"]), a["iw"], key_valid=kvalid,
                                    query_index=a["tok"], query_start=a["start"], scale=scale,

@@ -16,6 +16,8 @@ over the sequence does.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 from glmjax.errors import InputError
@@ -49,13 +51,15 @@ class PageAllocator:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
+    def _parts(self, slot: int, tokens: int) -> list[int]:
+        """The pool part each of `slot`'s logical pages for `tokens` positions comes from (its group's part of
+        the sequence shard holding that page's positions)."""
+        per_shard, first = self.max_pages // self.seq_shards, (slot // self.group_slots) * self.seq_shards
+        return [first + j // per_shard for j in range(self.pages_for(tokens))]
+
     def _needs(self, slot: int, tokens: int) -> dict[int, int]:
         """Pool part -> pages `slot` needs from it for `tokens` positions."""
-        per_shard, first = self.max_pages // self.seq_shards, (slot // self.group_slots) * self.seq_shards
-        needs: dict[int, int] = {}
-        for j in range(self.pages_for(tokens)):
-            needs[first + j // per_shard] = needs.get(first + j // per_shard, 0) + 1
-        return needs
+        return collections.Counter(self._parts(slot, tokens))
 
     def check(self, request_id: str, tokens: int) -> None:
         """InputError if `tokens` can never fit: more pages than a slot's table holds, or than one pool part
@@ -80,9 +84,8 @@ class PageAllocator:
             raise RuntimeError(f"page allocator: the pages for {tokens} positions of slot {slot} are not free")
         if (self.table[slot] >= 0).any():
             raise RuntimeError(f"page allocator: slot {slot} still holds pages")
-        per_shard, first = self.max_pages // self.seq_shards, (slot // self.group_slots) * self.seq_shards
-        self.table[slot, :self.pages_for(tokens)] = [self._free[first + j // per_shard].pop()
-                                                      for j in range(self.pages_for(tokens))]
+        parts = self._parts(slot, tokens)
+        self.table[slot, :len(parts)] = [self._free[q].pop() for q in parts]
 
     def release(self, slot: int) -> None:
         """Takes back every page of `slot`."""
