@@ -14,7 +14,7 @@ first step of each side is the warm-up (glmjax compiles there) and is not timed;
 --repeats steps is reported, as seconds per step and tokens (batch x seq) per second.
 
 One step on each side:
-- glmjax: the trainer's own jitted step (`glmjax.train.trainer.make_train_step`, built from a TrainConfig as
+- glmjax: the trainer's own jitted step (`glmjax.train.trainer.bind_train_step`, built from a TrainConfig as
   train.py builds it, on a one-device mesh): forward, `objective`, float32 gradients, global-norm clipping,
   the optax AdamW update, metrics. Stage "full" (no indexer KL), loss.mtp_steps 0 (transformers'
   GlmMoeDsaForCausalLM builds no MTP layer, so the checkpoint has none), balance_weight 0 and
@@ -155,12 +155,12 @@ def glmjax_train(ckpt: Path, batches) -> dict:
     with jax.set_mesh(mesh):
         model = trainer.build_model(cfg, trainer.model_config(cfg, None), mesh)
         optimizer = create_optimizer(model, cfg.optimizer, cfg.run.stage, mesh=mesh)
-        step = trainer.make_train_step(cfg)
+        step = trainer.bind_train_step(cfg, model, optimizer)
         for host in batches:
             t0 = time.perf_counter()
             ids = host.astype(np.int32)
             batch = trainer.put_batch({"input_ids": ids, "segment_ids": np.ones_like(ids)}, mesh)
-            scalars, _ = step(model, optimizer, batch)
+            scalars, _ = step(batch)
             losses.append(float(scalars["train/loss"]))  # waits for the step
             times.append(time.perf_counter() - t0)
             norms.append(float(scalars["train/grad_norm"]))

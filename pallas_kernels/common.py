@@ -32,6 +32,20 @@ def check_q_block(q_block: int) -> None:
         raise ValueError(f"q_block must be a positive int, got {q_block!r}")
 
 
+# The pure-JAX reference paths (CPU, and the fallback elsewhere) cut the queries into blocks to bound memory.
+# While a block's largest intermediate stays under this many elements (16 MB in float32) they take more
+# queries per block, up to all of them: below that bound a loop step per q_block queries only costs time
+# (lax.map runs its body's ops one after the other; the CPU training benchmark's step: 1.04x).
+REFERENCE_BLOCK_ELEMENTS = 1 << 22
+
+
+def reference_q_block(q_block: int, T: int, per_query: int) -> int:
+    """The reference paths' query block: q_block, or more queries (at most T) while a block's largest
+    intermediate, per_query elements per query, stays under REFERENCE_BLOCK_ELEMENTS."""
+    check_q_block(q_block)
+    return max(q_block, min(T, REFERENCE_BLOCK_ELEMENTS // max(per_query, 1)))
+
+
 def to_query_blocks(x: jax.Array, bq: int, value=0) -> jax.Array:
     """[B, T, ...] -> [nb, B, bq, ...]: axis 1 cut into blocks of bq, the last padded with `value`."""
     x = pad_axis(x, 1, bq, value)
@@ -87,6 +101,18 @@ def kernel_family(impl: str, interpret: bool) -> str:
     if impl in ("pallas_tpu", "pallas_gpu"):
         return impl.removeprefix("pallas_")
     raise ValueError(f"unknown kernel impl {impl!r}; expected 'reference' or one of {PALLAS_IMPLS}")
+
+
+def selected_mask(indices: jax.Array, S: int) -> jax.Array:
+    """indices [B, T, K] int (distinct per query; negative: empty) -> [B, T, S] bool, True at the selected rows.
+
+    One scatter of B*T*K writes; comparing every index against every row ([B, T, K, S]) costs S times more
+    and was a tenth of a CPU training step at S = 256."""
+    B, T, _ = indices.shape
+    b = jnp.arange(B, dtype=jnp.int32)[:, None, None]
+    t = jnp.arange(T, dtype=jnp.int32)[None, :, None]
+    cols = jnp.where(indices >= 0, indices, S)  # empty slots: out of range, dropped
+    return jnp.zeros((B, T, S), bool).at[b, t, cols].set(True, mode="drop")
 
 
 def gather_rows(x, indices: jax.Array, dtype=None) -> jax.Array:

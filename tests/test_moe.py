@@ -60,6 +60,28 @@ def test_grouped_matmul_matches_dense_reference(impl, kw, transpose_rhs):
     assert not np.asarray(got[0][170:]).any() and not np.asarray(got[1][170:]).any()  # rows past the groups
 
 
+@pytest.mark.parametrize("pv", [1, 3, 64])
+def test_cpu_loop_batches_any_number_of_visits_per_step(pv):
+    """The CPU loop's visits per step (pv, one batched product) change nothing: 1, a count that leaves a
+    partial last step, and more than the plan's visits."""
+    from pallas_kernels.grouped_matmul.cpu import gmm_tiled
+
+    M, K, N = 200, 24, 40
+    sizes = jnp.array([30, 0, 50, 1, 64, 20, 5], jnp.int32)
+    lhs = jax.random.normal(jax.random.key(0), (M, K))
+    rhs = jax.random.normal(jax.random.key(1), (7, K, N))
+    ct = jax.random.normal(jax.random.key(2), (M, N))
+
+    def run(f):
+        y, vjp = jax.vjp(lambda a, b: f(a, b), lhs, rhs)
+        return (y, *vjp(ct))
+
+    got = run(lambda a, b: gmm_tiled(a, b, sizes, 16, False, jnp.float32, pv))
+    want = run(lambda a, b: grouped_matmul_reference(a, b, sizes))
+    for g, w, what in zip(got, want, ("out", "dlhs", "drhs"), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-5, err_msg=what)
+
+
 def test_grouped_matmul_rejects_bad_arguments():
     x, w, s = jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.array([2, 2], jnp.int32)
     with pytest.raises(ValueError, match="not one of"):

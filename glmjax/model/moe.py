@@ -149,8 +149,15 @@ def _ffn(plan: _Plan, xs, group_sizes, wg, wu, wd):
     0). With moe_mlp split over tp, a partial sum."""
     # gate and up come out in the activation dtype (accumulated in float32 inside the matmul): they are
     # [rows, I] per exchange round, and h is cast to it for the down projection anyway.
-    g = _gmm(plan, xs, wg, group_sizes, out_dtype=plan.dtype).astype(jnp.float32)
-    u = _gmm(plan, xs, wu, group_sizes, out_dtype=plan.dtype).astype(jnp.float32)
+    if plan.impl == "tiled":
+        # The CPU loop runs gate and up as one product against [wg | wu] (a copy of two matrices per expert):
+        # half the loop steps, each twice as wide (the benchmark's training step: 1.04x).
+        I = wg.shape[-1]
+        gu = _gmm(plan, xs, jnp.concatenate([wg, wu], axis=-1), group_sizes, out_dtype=plan.dtype)
+        g, u = gu[:, :I].astype(jnp.float32), gu[:, I:].astype(jnp.float32)
+    else:
+        g = _gmm(plan, xs, wg, group_sizes, out_dtype=plan.dtype).astype(jnp.float32)
+        u = _gmm(plan, xs, wu, group_sizes, out_dtype=plan.dtype).astype(jnp.float32)
     h = jax.nn.silu(g) * u
     return _gmm(plan, h.astype(plan.dtype), wd, group_sizes, out_dtype=_out_dtype(plan))
 

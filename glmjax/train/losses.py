@@ -2,7 +2,9 @@
 
 At 128K tokens per sequence and GLM-5.2's 154,880-token vocabulary, float32 logits are 81 GB per sequence.
 `chunked_cross_entropy` computes them one sequence chunk at a time inside a rematerialised scan, so the
-forward keeps one chunk's logits and the backward recomputes them chunk by chunk.
+forward keeps one chunk's logits and the backward recomputes them chunk by chunk. A sequence of one chunk
+(short training sequences) is not rematerialised: its backward keeps the one chunk's logits, which the
+forward builds anyway, and saves recomputing them (a fourth head matmul of the three a step needs).
 
 Under context parallelism the sequence axis is split over devices: the chunks are taken within each
 device's own part of the sequence ([B, T] -> [B, shards, T/shards]), so every device works on its own
@@ -40,6 +42,11 @@ def _chunks(B: int, T: int, chunk: int, what: str):
     return cp, c, split
 
 
+def _remat_if_chunked(step, n: int):
+    """The scan body, rematerialised when there is more than one chunk (module docstring)."""
+    return jax.checkpoint(step) if n > 1 else step
+
+
 def chunked_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array,
                           weights: jax.Array, *, chunk: int = 2048, z_loss: float = 0.0
                           ) -> tuple[jax.Array, jax.Array]:
@@ -51,7 +58,6 @@ def chunked_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Ar
     B, T, D = hidden.shape
     cp, c, split = _chunks(B, T, chunk, "chunked_cross_entropy")
 
-    @jax.checkpoint
     def step(carry, xs):
         h, y, w = xs  # [B, cp, c, D], [B, cp, c], [B, cp, c]
         logits = head(h.reshape(B, cp * c, D)).reshape(B, cp, c, -1)
@@ -60,7 +66,7 @@ def chunked_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Ar
         loss = (lse - picked + z_loss * jnp.square(lse)) * w
         return carry + jnp.sum(loss), None
 
-    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32),
+    total, _ = jax.lax.scan(_remat_if_chunked(step, T // cp // c), jnp.zeros((), jnp.float32),
                             (split(hidden), split(labels), split(weights.astype(jnp.float32))))
     return total, jnp.sum(weights.astype(jnp.float32))
 
@@ -81,14 +87,14 @@ def chunked_acceptance(head: Callable[[jax.Array], jax.Array], draft_hidden: jax
     B, T, D = draft_hidden.shape
     cp, c, split = _chunks(B, T, chunk, "chunked_acceptance")
 
-    @jax.checkpoint
     def step(_, xs):
         hq, hp = xs  # [B, cp, c, D] each
         q = jax.nn.softmax(head(hq.reshape(B, cp * c, D)), axis=-1)
         p = jax.lax.stop_gradient(jax.nn.softmax(head(hp.reshape(B, cp * c, D)), axis=-1))
         return None, jnp.sum(jnp.minimum(p, q), axis=-1).reshape(B, cp, c)
 
-    _, alpha = jax.lax.scan(step, None, (split(draft_hidden), split(jax.lax.stop_gradient(target_hidden))))
+    xs = (split(draft_hidden), split(jax.lax.stop_gradient(target_hidden)))
+    _, alpha = jax.lax.scan(_remat_if_chunked(step, T // cp // c), None, xs)
     return jnp.moveaxis(alpha, 0, 2).reshape(B, T)  # [n, B, cp, c] -> [B, cp, n, c] -> [B, T]
 
 

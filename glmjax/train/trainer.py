@@ -129,6 +129,13 @@ def make_train_step(cfg: TrainConfig):
     return _train_step(cfg.loss, cfg.run.stage, cfg.optimizer)
 
 
+def bind_train_step(cfg: TrainConfig, model, optimizer):
+    """make_train_step(cfg) with model and optimizer bound: batch -> (metrics, MoE load). nnx.cached_partial
+    keeps their graph traversal from one call to the next instead of redoing it every step (10 ms of Python per
+    step on the CPU benchmark's 8.7M-parameter model); they are still updated in place."""
+    return nnx.cached_partial(make_train_step(cfg), model, optimizer)
+
+
 @functools.cache  # one jitted function per objective: a resumed run in the same process reuses its compile
 def _train_step(loss_cfg, stage: str, opt_cfg):
     return nnx.jit(train_step_fn(loss_cfg, stage, opt_cfg))
@@ -198,7 +205,6 @@ class Trainer:
         self.train_data = batch_iterator(cfg.data, "train")
         self.checkpointer = Checkpointer(cfg.checkpoint)
         self.step = 0
-        self.train_step = make_train_step(cfg)
         self.eval_step = make_eval_step(cfg)
         self._restore()
 
@@ -262,10 +268,11 @@ class Trainer:
                  f"stage {cfg.run.stage}; steps {self.step} -> {cfg.run.steps}")
         try:
             with PreemptionGuard() as guard, jax.set_mesh(self.mesh):
+                train_step = bind_train_step(cfg, self.model, self.optimizer)
                 while self.step < cfg.run.steps:
                     t0 = time.perf_counter()
                     batch = put_batch(next(self.train_data), self.mesh)
-                    scalars, moe_load = self.train_step(self.model, self.optimizer, batch)
+                    scalars, moe_load = train_step(batch)
                     self.step += 1
                     scalars = {k: float(v) for k, v in scalars.items()}
                     if moe_load is not None:

@@ -3,7 +3,7 @@
 score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s] * scale), for keys s that are valid, not after
 the query (s <= query_index[b, t]) and in its document (s >= query_start[b, t], packed sequences). Each query
 keeps the `topk` best keys. Memory is O(q_block * heads * S) per block; no [T, S] array exists for the whole
-sequence.
+sequence (blocks take more than q_block queries only while they stay under common.REFERENCE_BLOCK_ELEMENTS).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import INVALID_INDEX, map_query_blocks
+from pallas_kernels.common import INVALID_INDEX, map_query_blocks, reference_q_block
 
 
 def allowed_keys(key_valid, query_index, query_start, S: int):
@@ -54,4 +54,6 @@ def indexer_topk_reference(q, k, w, *, key_valid, query_index, topk: int, scale:
         vals, idx = jax.lax.top_k(scores, K)
         return jnp.where(vals > -jnp.inf, idx.astype(jnp.int32), INVALID_INDEX)
 
-    return map_query_blocks(block, q_block, q, w, query_index, qs)
+    B, T, H, _ = q.shape
+    bq = reference_q_block(q_block, T, B * H * k.shape[1])  # [bq, H, S] logits per block
+    return map_query_blocks(block, bq, q, w, query_index, qs)

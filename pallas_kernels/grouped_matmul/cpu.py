@@ -5,7 +5,10 @@ G times the useful work (with 32 experts that made the MoE, and the whole prefil
 transformers). Rows arrive sorted by group, so each group is a contiguous row range. The range is covered by
 row tiles of `tm` rows; a tile that straddles a group boundary is visited once per group it touches, and each
 visit writes only its group's rows. At most cdiv(M, tm) + G - 1 tiles are visited, and the trip count is the
-actual number (a `while` loop), so rows past sum(group_sizes) cost nothing.
+actual number (a `while` loop), so rows past sum(group_sizes) cost nothing. Each loop step takes `pv`
+consecutive visits as one batched product ([pv, tm, K] rows against the [pv, K, N] matrices of their groups):
+ops inside a loop body run one after the other, and one small matmul per step is the slowest way to spend
+the step.
 
 Forward and backward are both such loops, joined by a custom_vjp: dlhs is the same product against rhs
 transposed, drhs[g] accumulates tile(lhs).T @ tile(dout). (Autodiff of the loop would save a weight
@@ -54,69 +57,87 @@ def _pad_rows(x: jax.Array, tm: int) -> jax.Array:
     return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
 
 
-def _gmm(lhs, rhs, group_sizes, tm: int, transpose_rhs: bool):
+def _pad_visits(group_ids, tile_ids, pv: int):
+    """The visit arrays padded to a multiple of pv (the padding repeats the last entry and is masked out)."""
+    extra = cdiv(group_ids.shape[0], pv) * pv - group_ids.shape[0]
+    if extra:
+        group_ids = jnp.concatenate([group_ids, jnp.broadcast_to(group_ids[-1:], (extra,))])
+        tile_ids = jnp.concatenate([tile_ids, jnp.broadcast_to(tile_ids[-1:], (extra,))])
+    return group_ids, tile_ids
+
+
+def _step_visits(group_ids, tile_ids, visits, starts, ends, j, tm: int, pv: int):
+    """Visits j*pv .. j*pv+pv-1: (groups [pv], first rows [pv], mine [pv, tm, 1]: the rows each visit owns)."""
+    g = lax.dynamic_slice_in_dim(group_ids, j * pv, pv)
+    r0 = lax.dynamic_slice_in_dim(tile_ids, j * pv, pv) * tm
+    rid = r0[:, None] + jnp.arange(tm, dtype=jnp.int32)[None, :]
+    live = (j * pv + jnp.arange(pv, dtype=jnp.int32) < visits)[:, None]
+    mine = live & (rid >= starts[g][:, None]) & (rid < ends[g][:, None])
+    return g, r0, rid, mine[..., None]
+
+
+def _gmm(lhs, rhs, group_sizes, tm: int, transpose_rhs: bool, pv: int):
     """[M,K] x [G,K,N] (or [G,N,K]) -> [M,N] float32; rows outside every group are 0."""
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     group_ids, tile_ids, visits, starts, ends = tile_plan(group_sizes, m, tm)
+    group_ids, tile_ids = _pad_visits(group_ids, tile_ids, pv)
     lhs_p = _pad_rows(lhs, tm)
-    contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
-    row = jnp.arange(tm, dtype=jnp.int32)
+    eq = "ptk,pnk->ptn" if transpose_rhs else "ptk,pkn->ptn"
 
-    def body(i, out):
-        g, r0 = group_ids[i], tile_ids[i] * tm
-        x = lax.dynamic_slice_in_dim(lhs_p, r0, tm)
-        w = lax.dynamic_index_in_dim(rhs, g, keepdims=False)
-        y = lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
-        rid = r0 + row
-        mine = ((rid >= starts[g]) & (rid < ends[g]))[:, None]
-        old = lax.dynamic_slice_in_dim(out, r0, tm)
-        return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), r0, 0)
+    def body(j, out):
+        g, r0, rid, mine = _step_visits(group_ids, tile_ids, visits, starts, ends, j, tm, pv)
+        y = jnp.einsum(eq, lhs_p[rid], rhs[g], preferred_element_type=jnp.float32)  # [pv, tm, N]
+        for p in range(pv):  # in visit order: two visits of one straddling tile write different rows
+            old = lax.dynamic_slice_in_dim(out, r0[p], tm)
+            out = lax.dynamic_update_slice_in_dim(out, jnp.where(mine[p], y[p], old), r0[p], 0)
+        return out
 
     init = varying_like(jnp.zeros((lhs_p.shape[0], n), jnp.float32), lhs, rhs, group_sizes)
-    out = lax.fori_loop(0, visits, body, init)
+    out = lax.fori_loop(0, cdiv(visits, pv), body, init)
     return out[:m]
 
 
-def _tgmm(lhs, dout, group_sizes, num_groups: int, tm: int):
+def _tgmm(lhs, dout, group_sizes, num_groups: int, tm: int, pv: int):
     """[M,K], [M,N] -> [G,K,N] float32: out[g] = lhs[rows of g].T @ dout[rows of g] (0 for empty groups)."""
     m, k = lhs.shape
     n = dout.shape[1]
     group_ids, tile_ids, visits, starts, ends = tile_plan(group_sizes, m, tm)
+    group_ids, tile_ids = _pad_visits(group_ids, tile_ids, pv)
     lhs_p, dout_p = _pad_rows(lhs, tm), _pad_rows(dout, tm)
-    row = jnp.arange(tm, dtype=jnp.int32)
 
-    def body(i, acc):
-        g, r0 = group_ids[i], tile_ids[i] * tm
-        rid = r0 + row
-        mine = ((rid >= starts[g]) & (rid < ends[g]))[:, None]
-        x = jnp.where(mine, lax.dynamic_slice_in_dim(lhs_p, r0, tm), 0)
-        d = lax.dynamic_slice_in_dim(dout_p, r0, tm)
-        upd = lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return lax.dynamic_update_index_in_dim(acc, lax.dynamic_index_in_dim(acc, g, keepdims=False) + upd, g, 0)
+    def body(j, acc):
+        g, _, rid, mine = _step_visits(group_ids, tile_ids, visits, starts, ends, j, tm, pv)
+        x = jnp.where(mine, lhs_p[rid], 0)
+        upd = jnp.einsum("ptk,ptn->pkn", x, dout_p[rid], preferred_element_type=jnp.float32)
+        for p in range(pv):
+            acc = lax.dynamic_update_index_in_dim(acc, lax.dynamic_index_in_dim(acc, g[p], keepdims=False) + upd[p],
+                                                  g[p], 0)
+        return acc
 
     init = varying_like(jnp.zeros((num_groups, k, n), jnp.float32), lhs, dout, group_sizes)
-    return lax.fori_loop(0, visits, body, init)
+    return lax.fori_loop(0, cdiv(visits, pv), body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def gmm_tiled(lhs, rhs, group_sizes, tm: int, transpose_rhs: bool, out_dtype):
-    """lhs [M,K], rhs [G,K,N] ([G,N,K] with transpose_rhs), group_sizes [G] int32 -> [M,N] out_dtype."""
-    return _gmm(lhs, rhs, group_sizes, tm, transpose_rhs).astype(out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def gmm_tiled(lhs, rhs, group_sizes, tm: int, transpose_rhs: bool, out_dtype, pv: int = 1):
+    """lhs [M,K], rhs [G,K,N] ([G,N,K] with transpose_rhs), group_sizes [G] int32 -> [M,N] out_dtype.
+    pv: visits per loop step (one batched product)."""
+    return _gmm(lhs, rhs, group_sizes, tm, transpose_rhs, pv).astype(out_dtype)
 
 
-def _fwd(lhs, rhs, group_sizes, tm, transpose_rhs, out_dtype):
-    return gmm_tiled(lhs, rhs, group_sizes, tm, transpose_rhs, out_dtype), (lhs, rhs, group_sizes)
+def _fwd(lhs, rhs, group_sizes, tm, transpose_rhs, out_dtype, pv):
+    return gmm_tiled(lhs, rhs, group_sizes, tm, transpose_rhs, out_dtype, pv), (lhs, rhs, group_sizes)
 
 
-def _bwd(tm, transpose_rhs, out_dtype, res, dout):
+def _bwd(tm, transpose_rhs, out_dtype, pv, res, dout):
     lhs, rhs, group_sizes = res
     dout = dout.astype(jnp.promote_types(lhs.dtype, rhs.dtype))
-    dlhs = _gmm(dout, rhs, group_sizes, tm, not transpose_rhs).astype(lhs.dtype)
+    dlhs = _gmm(dout, rhs, group_sizes, tm, not transpose_rhs, pv).astype(lhs.dtype)
     if transpose_rhs:  # rhs [G,N,K]: drhs[g] = dout_g.T @ lhs_g
-        drhs = _tgmm(dout, lhs, group_sizes, rhs.shape[0], tm)
+        drhs = _tgmm(dout, lhs, group_sizes, rhs.shape[0], tm, pv)
     else:
-        drhs = _tgmm(lhs, dout, group_sizes, rhs.shape[0], tm)
+        drhs = _tgmm(lhs, dout, group_sizes, rhs.shape[0], tm, pv)
     return dlhs, drhs.astype(rhs.dtype), None
 
 

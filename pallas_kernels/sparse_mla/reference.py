@@ -3,14 +3,15 @@
 Every query head attends over the same latent rows (one "KV head" of kv_lora_rank + rope dims, 576 for
 GLM-5.2), and only over the rows its top-k indices select. The values are the first `v_dim` dims of the rows.
 Per block the gathered rows are [B, q_block, K, Dk]; no [T, S] array exists. With few rows in all (S <= 4K)
-it scores every row instead and masks the unselected: [B, q_block, H, S] per block, no gather.
+it scores every row instead and masks the unselected: [B, q_block, H, S] per block, no gather. Blocks take
+more than q_block queries while they stay under common.REFERENCE_BLOCK_ELEMENTS.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.common import gather_rows, map_query_blocks
+from pallas_kernels.common import gather_rows, map_query_blocks, reference_q_block, selected_mask
 from pallas_kernels.quantize import QuantizedRows, dequantize
 
 DENSE_BELOW = 4
@@ -25,7 +26,8 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: i
         (dequantized to q's dtype as they are read); [1, S, Dk]: one pool of rows for every batch row (a paged
         cache; indices are rows of the pool).
       indices: [B, T, K] int32 selected rows; negative entries are empty slots.
-      scale: softmax scale. v_dim: the first v_dim dims of each row are its value. q_block: queries per block.
+      scale: softmax scale. v_dim: the first v_dim dims of each row are its value. q_block: queries per block
+        (more while a block stays small: common.reference_q_block).
     Returns:
       out [B, T, H, v_dim] in q.dtype (zeros for a query with no valid row) and lse [B, T, H] float32
       (-inf for such a query).
@@ -41,7 +43,7 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: i
 
     def block(qb, ib):
         if dense:
-            valid = jnp.any(ib[..., :, None] == jnp.arange(S, dtype=ib.dtype), axis=-2)  # [B,bq,S]
+            valid = selected_mask(ib, S)  # [B,bq,S]
             logits = jnp.einsum("bqhd,bsd->bqhs", qb, kv, preferred_element_type=jnp.float32) * scale
         else:
             valid = ib >= 0
@@ -60,4 +62,6 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, v_dim: int, q_block: i
         lse = (m_safe + jnp.log(denom))[..., 0]
         return out.astype(q.dtype), lse
 
-    return map_query_blocks(block, q_block, q, indices, pad_values=(0, -1))
+    B, T, H, Dk = q.shape
+    per_query = B * H * S if dense else B * K * max(Dk, H)  # [bq, H, S] logits, or [bq, K, Dk] gathered rows
+    return map_query_blocks(block, reference_q_block(q_block, T, per_query), q, indices, pad_values=(0, -1))
