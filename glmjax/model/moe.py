@@ -36,7 +36,7 @@ from glmjax.model.layers import param
 from glmjax.model.mlp import MLP
 from glmjax.model.options import ModelOptions
 from glmjax.sharding import current_mesh, logical_to_spec
-from pallas_kernels.grouped_matmul import check_impl, grouped_matmul
+from pallas_kernels.grouped_matmul import CPU_TILE, check_impl, grouped_matmul
 from pallas_kernels.grouped_matmul.cpu import varying_like
 
 SLOT_ALIGN = 8  # exchange slots are rounded up to whole sublanes
@@ -149,9 +149,10 @@ def _ffn(plan: _Plan, xs, group_sizes, wg, wu, wd):
     0). With moe_mlp split over tp, a partial sum."""
     # gate and up come out in the activation dtype (accumulated in float32 inside the matmul): they are
     # [rows, I] per exchange round, and h is cast to it for the down projection anyway.
-    if plan.impl == "tiled":
-        # The CPU loop runs gate and up as one product against [wg | wu] (a copy of two matrices per expert):
-        # half the loop steps, each twice as wide (the benchmark's training step: 1.04x).
+    if plan.impl == "tiled" and xs.shape[0] >= CPU_TILE * wg.shape[0]:
+        # With many rows per expert (training, prefill) the CPU loop runs gate and up as one product against
+        # [wg | wu]: half the loop steps, each twice as wide (the benchmark's training step: 1.04x). The copy
+        # of the two matrices would dominate a decode step, which reads each expert's weights for a few rows.
         I = wg.shape[-1]
         gu = _gmm(plan, xs, jnp.concatenate([wg, wu], axis=-1), group_sizes, out_dtype=plan.dtype)
         g, u = gu[:, :I].astype(jnp.float32), gu[:, I:].astype(jnp.float32)
