@@ -29,10 +29,11 @@ Same learning rate, betas, eps and clip norm (OPT) on both sides.
 What each computes: both run the DSA indexer at every full layer and attend only to its top-k keys (shared
 layers reuse the previous full layer's selection). transformers (attn sdpa or eager) expands the latent into
 per-head keys and values and always builds the full [T, S] attention, the non-selected keys masked out.
-glmjax attends in the absorbed form (every head over the shared latent rows), per block of q_block 128
-queries (pallas_kernels/sparse_mla/reference.py): while S <= 4 * index_topk (the default --seq 256 with
-index_topk 64 is exactly that) it too scores every row and masks the unselected ones; at longer sequences
-it gathers only the top-k rows, O(T * topk) instead of O(T * S), which transformers never does.
+glmjax attends in the absorbed form (every head over the shared latent rows), per block of queries
+(pallas_kernels/sparse_mla/reference.py; q_block 128, more while a block stays under 4M elements): while
+S <= 8 * index_topk (the default --seq 256, and 512, with index_topk 64) it too scores every row and masks
+the unselected ones; at longer sequences it gathers only the top-k rows, O(T * topk) instead of O(T * S),
+which transformers never does.
 Neither side trains the indexers here: transformers runs its indexer under `torch.no_grad` (its parameters
 get no gradient, and AdamW skips them); glmjax detaches the indexer's inputs and, in stage "full", has no
 indexer loss (its AdamW sees zero gradients for them). transformers' routed experts run its default

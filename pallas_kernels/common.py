@@ -106,8 +106,8 @@ def kernel_family(impl: str, interpret: bool) -> str:
 def selected_mask(indices: jax.Array, S: int) -> jax.Array:
     """indices [B, T, K] int (distinct per query; negative: empty) -> [B, T, S] bool, True at the selected rows.
 
-    One scatter of B*T*K writes; comparing every index against every row ([B, T, K, S]) costs S times more
-    and was a tenth of a CPU training step at S = 256."""
+    One scatter of B*T*K writes; comparing every index against every row ([B, T, K, S]) costs S times more:
+    0.95 ms against 0.11 ms on this CPU for [4, 128, 64] indices over S = 256."""
     B, T, _ = indices.shape
     b = jnp.arange(B, dtype=jnp.int32)[:, None, None]
     t = jnp.arange(T, dtype=jnp.int32)[None, :, None]
