@@ -217,6 +217,18 @@ def test_unfinished_save_is_never_restored(tmp_path):
         assert ckpt.all_steps() == [2, 3]
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+    """A relative checkpoint directory (train.py's demo writes runs/demo) is taken from the working directory:
+    orbax itself refuses relative paths."""
+    monkeypatch.chdir(tmp_path)
+    with Checkpointer(CheckpointConfig("runs/demo/checkpoints", save_every=1, async_save=True)) as ckpt:
+        assert save_small(ckpt, 1)
+        ckpt.wait()
+        assert ckpt.directory == str(tmp_path / "runs/demo/checkpoints")
+    with Checkpointer(CheckpointConfig("runs/demo/checkpoints")) as ckpt:
+        assert restore_small(ckpt).step == 1
+
+
 def test_optional_optimizer_and_empty_state(tmp_path):
     with Checkpointer(CheckpointConfig(tmp_path, save_every=1, async_save=False)) as ckpt:
         with pytest.raises(ValueError, match="model_state holds no arrays"):

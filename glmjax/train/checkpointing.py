@@ -210,8 +210,10 @@ class Checkpointer:
             "rng": json_item("rng.json"),
             "meta": json_item("meta.json"),
         }
-        self._manager = ocp.CheckpointManager(os.fspath(cfg.directory), options=options, item_names=ITEMS,
-                                              item_handlers=handlers)
+        directory = os.fspath(cfg.directory)
+        if "://" not in directory:  # orbax refuses relative paths (train.py's demo writes runs/demo)
+            directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS, item_handlers=handlers)
 
     @property
     def directory(self) -> str:
