@@ -31,7 +31,9 @@ class ModelOptions:
     attention_impl selects the DSA kernels; interpret runs the Pallas kernels in interpret mode (for CPU
     tests): a kernel family that does not match the compile target is an error unless it is set.
     q_block is the query-block length of the chunked DSA path (every impl): memory per block is
-    O(q_block * (index_heads * S + topk * 576)) instead of O(T * S). remat: see REMAT_POLICIES.
+    O(q_block * (index_heads * S + topk * 576)) instead of O(T * S); the pure-JAX reference takes more
+    queries per block while a block stays under 4M elements (pallas_kernels.common.reference_q_block).
+    remat: see REMAT_POLICIES.
     indexer_loss: collect the DSA indexer's KL terms (sparse stage) in the auxiliary outputs.
     moe_gmm_impl, moe_capacity_factor: the MoE's grouped matmul and expert-parallel exchange slots (see
     glmjax.model.moe.MoE); interpret also runs megablox in interpret mode.
