@@ -13,9 +13,9 @@ import functools
 import jax.numpy as jnp
 
 from pallas_kernels.blocks import tuned_blocks
-from pallas_kernels.common import check_q_block, kernel_family, map_query_blocks, reference_q_block
+from pallas_kernels.common import check_q_block, kernel_family, map_query_blocks
 from pallas_kernels.dsa_indexer.loss_terms import indexer_scores_at
-from pallas_kernels.dsa_indexer.reference import indexer_scores_block, indexer_topk_reference
+from pallas_kernels.dsa_indexer.reference import indexer_scores_block, indexer_topk_reference, reference_block
 from pallas_kernels.dsa_indexer.topk import exact_topk, sharded_topk
 from pallas_kernels.quantize import QuantizedRows, dequantize
 
@@ -108,8 +108,7 @@ def indexer_topk(q, k, w, *, key_valid, query_index, topk: int, scale: float, q_
             return sharded_topk(scores if reduce_scores is None else reduce_scores(scores), topk, key_shards)
 
         qs = jnp.zeros_like(query_index) if query_start is None else query_start
-        bq = reference_q_block(q_block, q.shape[1], q.shape[0] * q.shape[2] * k.shape[1])
-        return map_query_blocks(ref_block, bq, q, w, query_index, qs)
+        return map_query_blocks(ref_block, reference_block(q, k, q_block), q, w, query_index, qs)
     if impl == "reference":
         return indexer_topk_reference(q, k, w, key_valid=key_valid, query_index=query_index, topk=topk,
                                       scale=scale, q_block=q_block, query_start=query_start,

@@ -54,6 +54,11 @@ def indexer_topk_reference(q, k, w, *, key_valid, query_index, topk: int, scale:
         vals, idx = jax.lax.top_k(scores, K)
         return jnp.where(vals > -jnp.inf, idx.astype(jnp.int32), INVALID_INDEX)
 
+    return map_query_blocks(block, reference_block(q, k, q_block), q, w, query_index, qs)
+
+
+def reference_block(q, k, q_block: int) -> int:
+    """The reference's query block for q [B, T, H, D] against keys k [B, S, D]: its [bq, H, S] logits bound it
+    (common.reference_q_block)."""
     B, T, H, _ = q.shape
-    bq = reference_q_block(q_block, T, B * H * k.shape[1])  # [bq, H, S] logits per block
-    return map_query_blocks(block, bq, q, w, query_index, qs)
+    return reference_q_block(q_block, T, B * H * k.shape[1])

@@ -60,14 +60,12 @@ def _pad_rows(x: jax.Array, tm: int) -> jax.Array:
 def _pad_visits(group_ids, tile_ids, pv: int):
     """The visit arrays padded to a multiple of pv (the padding repeats the last entry and is masked out)."""
     extra = cdiv(group_ids.shape[0], pv) * pv - group_ids.shape[0]
-    if extra:
-        group_ids = jnp.concatenate([group_ids, jnp.broadcast_to(group_ids[-1:], (extra,))])
-        tile_ids = jnp.concatenate([tile_ids, jnp.broadcast_to(tile_ids[-1:], (extra,))])
-    return group_ids, tile_ids
+    return jnp.pad(group_ids, (0, extra), mode="edge"), jnp.pad(tile_ids, (0, extra), mode="edge")
 
 
 def _step_visits(group_ids, tile_ids, visits, starts, ends, j, tm: int, pv: int):
-    """Visits j*pv .. j*pv+pv-1: (groups [pv], first rows [pv], mine [pv, tm, 1]: the rows each visit owns)."""
+    """Visits j*pv .. j*pv+pv-1 -> (groups [pv], first rows [pv], rows [pv, tm], mine [pv, tm, 1]: which of
+    those rows each visit owns; none for the padding past `visits`)."""
     g = lax.dynamic_slice_in_dim(group_ids, j * pv, pv)
     r0 = lax.dynamic_slice_in_dim(tile_ids, j * pv, pv) * tm
     rid = r0[:, None] + jnp.arange(tm, dtype=jnp.int32)[None, :]
