@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import glmjax
+from glmjax.model import moe as moe_module
 from glmjax.model.moe import MoE, RouterBias
 from glmjax.sharding import make_mesh
 from glmjax.weights.mapping import CHECKPOINT_VARS
@@ -131,8 +132,15 @@ def dense_reference(cfg, moe, x, valid):
             normed.reshape(B, T, Ex).sum(1) / np.maximum(vb, 1)[:, None])
 
 
-def test_unsharded_moe_matches_dense_loop_over_experts():
+@pytest.mark.parametrize("path", ["dense", "loop"])
+def test_unsharded_moe_matches_dense_loop_over_experts(path, monkeypatch):
+    """Both CPU paths with few tokens: every expert on every token (moe._dense_ffn, up to
+    DENSE_ROWS_PER_EXPERT rows per expert) and the routed tile loop: outputs and statistics equal the float64
+    loop over experts, gradients equal those of the ragged_dot impl (which takes neither path)."""
+    if path == "loop":
+        monkeypatch.setattr(moe_module, "DENSE_ROWS_PER_EXPERT", 0)
     cfg = tiny_cfg()
+    assert (60 * cfg.num_experts_per_tok <= moe_module.DENSE_ROWS_PER_EXPERT * E) == (path == "dense")
     moe = make_moe(cfg)
     x = jax.random.normal(jax.random.key(5), (3, 20, D))
     valid = (jnp.arange(20)[None, :] >= jnp.array([[0], [5], [20]]))  # left padding; the last row: none valid
@@ -147,6 +155,15 @@ def test_unsharded_moe_matches_dense_loop_over_experts():
     y_all, _ = moe(x)  # valid=None: every token routed, as before this interface
     np.testing.assert_allclose(np.asarray(y_all), dense_reference(cfg, moe, x, jnp.ones_like(valid))[0], atol=1e-5,
                                rtol=1e-5)
+
+    def grads(moe):
+        graphdef, state = nnx.split(moe)
+        loss = lambda state, x: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, valid)[0]))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
+
+    for g, w in zip(jax.tree.leaves(grads(moe)), jax.tree.leaves(grads(make_moe(cfg, gmm_impl="ragged_dot"))),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------ expert parallelism

@@ -9,7 +9,9 @@ variable, not an `nnx.Param`: optimizers over Params leave it alone and the load
 
 Expert compute: the (token, expert) assignments are sorted by expert and run through three grouped matmuls
 (`pallas_kernels.grouped_matmul`: megablox on TPU, ragged_dot on GPU, a routed-rows-only tile loop on CPU).
-Invalid (padding) tokens are not dispatched at all: their routed output is 0.
+Invalid (padding) tokens are not dispatched at all: their routed output is 0. On CPU with few tokens per
+expert (decode, verification, drafting) every expert runs on every token instead, and the chosen outputs
+are gathered (`_dense_ffn`, below DENSE_ROWS_PER_EXPERT).
 
 Under a mesh (`jax.set_mesh`) the routed part runs in `jax.shard_map` (docs/moe.md): every device routes
 its own tokens; the devices along the mesh axes of the "experts" rule form an expert-parallel (EP) group
@@ -163,6 +165,34 @@ def _ffn(plan: _Plan, xs, group_sizes, wg, wu, wd):
     return _gmm(plan, h.astype(plan.dtype), wd, group_sizes, out_dtype=_out_dtype(plan))
 
 
+# The CPU path with few tokens (decode, draft verification, MTP drafting): every local expert runs on every
+# token as one batched product ([E, n, D] x [E, D, I]) and the k chosen outputs are gathered. E/k times the
+# arithmetic of the routed loop, but each expert matrix is read in place, at full memory bandwidth, with no
+# per-tile loop. benchmarks/bench_moe_cpu: 1.2-2.6x faster than the loop up to 16 routed rows per expert on
+# average (n * k / E; 32 experts, top-8: 6.6 -> 2.6 ms at 4 tokens), level at one token, and at 32 rows per
+# expert anywhere from 0.72x (8 experts, top-2) to 1.48x (docs/moe.md). Training and prefill batches stay on
+# the loop.
+DENSE_ROWS_PER_EXPERT = 16
+
+
+def _dense_below(plan: _Plan, n: int, k: int) -> bool:
+    """Whether n tokens with top-k routing take the dense CPU path (all local experts, no exchange)."""
+    return plan.impl == "tiled" and plan.n_ep == 1 and n * k <= DENSE_ROWS_PER_EXPERT * plan.num_experts
+
+
+def _dense_ffn(plan: _Plan, x, experts, wg, wu, wd):
+    """Every expert on every token: x [n, D], experts [n, k] -> the chosen experts' outputs [n, k, D] in
+    _out_dtype, with _ffn's dtypes (gate and up rounded to the activation dtype; so the same values as the
+    routed loop up to the order of each product's sums)."""
+    E = wg.shape[0]
+    xb = jnp.broadcast_to(x, (E,) + x.shape)  # a batch dim on both sides: XLA:CPU then reads each W[e] in place
+    g = jnp.einsum("end,edi->eni", xb, wg, preferred_element_type=jnp.float32).astype(plan.dtype)
+    u = jnp.einsum("end,edi->eni", xb, wu, preferred_element_type=jnp.float32).astype(plan.dtype)
+    h = jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)
+    y = jnp.einsum("eni,eid->end", h.astype(plan.dtype), wd, preferred_element_type=jnp.float32)
+    return y[experts, jnp.arange(x.shape[0])[:, None]].astype(_out_dtype(plan))
+
+
 def _psum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
@@ -240,6 +270,9 @@ def _routed_local(cfg: GlmMoeDsaConfig, plan: _Plan, x, valid, w_router, bias, w
     xf = x.reshape(n, D)
     v = valid.reshape(n)
     routing = route(cfg, xf, w_router, bias)
+    if _dense_below(plan, n, k):
+        y = jnp.where(v[:, None, None], _dense_ffn(plan, xf.astype(plan.dtype), routing.experts, wg, wu, wd), 0)
+        return _combine(cfg, plan, routing, y, valid)
     flat = jnp.where(v[:, None], routing.experts, E).reshape(-1)  # invalid tokens -> E, sorted last
     order = jnp.argsort(flat, stable=True)
     counts = jnp.bincount(flat, length=E).astype(jnp.int32)  # E (invalid) is not counted
@@ -255,6 +288,16 @@ def _routed_local(cfg: GlmMoeDsaConfig, plan: _Plan, x, valid, w_router, bias, w
         rounds = jax.lax.pmax(need, plan.token_axes) if plan.token_axes else need
         ys = _ep_experts(plan, xs, wg, wu, wd, flat[order], dest_start, dest_count, rounds)
     y = ys[jnp.argsort(order)].reshape(n, k, D)  # back to (token, slot) order: a gather, not a scatter
+    return _combine(cfg, plan, routing, y, valid)
+
+
+def _combine(cfg: GlmMoeDsaConfig, plan: _Plan, routing: Routing, y, valid):
+    """The chosen experts' outputs y [n, k, D] (0 for invalid tokens) weighted and summed, and the routing
+    statistics -> (routed [b,t,D] float32, MoEStats)."""
+    b, t = valid.shape
+    n, k, D = y.shape
+    E = cfg.n_routed_experts
+    v = valid.reshape(n)
     routed = jnp.einsum("nkd,nk->nd", y, routing.weights.astype(y.dtype), preferred_element_type=jnp.float32)
     routed = _psum(routed, plan.tp).reshape(b, t, D)
 
