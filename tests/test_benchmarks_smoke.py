@@ -32,3 +32,11 @@ def test_bench_train_glmjax_side_runs(tmp_path):
     assert len(out["times"]) == len(out["losses"]) == 2
     assert all(abs(loss - np.log(cfg.vocab_size)) < 0.5 for loss in out["losses"]), out["losses"]
     assert all(n > 0 for n in out["grad_norms"])
+
+
+def test_bench_moe_cpu_runs(capsys):
+    from benchmarks import bench_moe_cpu
+
+    bench_moe_cpu.main(["--tokens", "1,128", "--iters", "1"])
+    out = capsys.readouterr().out
+    assert out.count("the MoE takes dense") == out.count("the MoE takes loop") == 3, out
