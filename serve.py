@@ -112,7 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     en.add_argument("--slots", type=count, default=8, help="sequences decoded together")
     en.add_argument("--max-len", type=count, default=None,
                     help="prompt + completion tokens per request (default min(2048, max_position_embeddings))")
-    en.add_argument("--prefill-chunk", type=count, default=256)
+    en.add_argument("--prefill-chunk", type=count, default=256, help="prompt tokens per request and prefill call")
+    en.add_argument("--prefill-batch", type=count, default=1,
+                    help="waiting requests prefilled together, a chunk of each per call (activations grow with it)")
     en.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     en.add_argument("--mesh", type=mesh_shape, help="shard over the local devices, e.g. tensor=4,expert=2")
     en.add_argument("--kv-seq-axes", type=axis_names, default=("context",),
@@ -176,7 +178,7 @@ def build_engine(args, cfg) -> tuple[Engine, TextCodec | None, float]:
     if k is None:
         k = 3 if cfg.num_nextn_predict_layers else 0
     config = EngineConfig(slots=args.slots, max_len=max_len(args, cfg),
-                          prefill_chunk=args.prefill_chunk, num_speculative_tokens=k,
+                          prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch, num_speculative_tokens=k,
                           draft_sampling=args.draft_sampling, kv_seq_axes=args.kv_seq_axes,
                           kv_quant=kv_quant(args), page_size=args.page_size, num_pages=args.num_pages)
     codec = TextCodec.from_checkpoint(path)

@@ -6,8 +6,9 @@ against transformers' `generate`, side by side in one run.
 Part 1, the 8-layer 32-expert checkpoint of bench_prefill_cpu (random weights, written by transformers'
 `save_pretrained` the first time, so without an MTP layer): batch 4 x 256-token prompts (random ids), greedy,
 64 new tokens each (EOS ignored), float32. transformers runs `generate` (its KV cache, `use_cache=True`) in
-its own environment as a subprocess of this script; glmjax runs the engine with 4 slots, its layers
-unscanned as serve.py loads them, and for comparison scanned (ModelOptions.scan_layers). Each side
+its own environment as a subprocess of this script; glmjax runs the engine with 4 slots, the 4 prompts
+prefilled together (EngineConfig.prefill_batch, as transformers prefills its batch), its layers unscanned as
+serve.py loads them, and for comparison scanned (ModelOptions.scan_layers). Each side
 is timed after a warm-up run (compilation, for glmjax), the median of --repeats runs; the greedy tokens of the
 two are compared (DSA's top-k can flip at rounding-level near-ties, so agreement is reported, not asserted).
 
@@ -60,7 +61,7 @@ def engine_time(model, prompts, new: int, k: int, repeats: int, slots: int, max_
     from glmjax.serve.engine import Engine, EngineConfig
     from glmjax.serve.requests import Request, SamplingParams
 
-    engine = Engine(model, EngineConfig(slots=slots, max_len=max_len, prefill_chunk=chunk,
+    engine = Engine(model, EngineConfig(slots=slots, max_len=max_len, prefill_chunk=chunk, prefill_batch=slots,
                                         num_speculative_tokens=k))
     requests = [Request(str(i), tuple(int(t) for t in p),
                         SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True), "completion")

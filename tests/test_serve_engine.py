@@ -135,7 +135,7 @@ def test_mtp_drafts_equal_the_multi_step_mtp_of_training(model, prompts):
     k = 3
     engine = Engine(model, EngineConfig(num_speculative_tokens=k, **ENGINE))
     prompt = prompts[1]
-    first = engine._prefill(0, Request("0", tuple(prompt), SamplingParams(temperature=0.0), "completion"))
+    [first] = engine._prefill([(0, Request("0", tuple(prompt), SamplingParams(temperature=0.0), "completion"))])
     drafts = [int(t) for t in np.asarray(engine.state.drafts[0])]
     seq = jnp.asarray([prompt + [first] + drafts[:-1]], jnp.int32)
     out = nnx.jit(lambda m, i: m.backbone(i, mtp_steps=k))(model, seq)
@@ -153,6 +153,36 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(model, prompts)
     alone = [engine.generate([r])[0].tokens for r in reqs]
     assert together == alone
     assert len({tuple(t) for t in together}) == len(reqs)
+
+
+BATCHED = {"plain": (0, {}), "speculative-paged": (3, dict(page_size=8, num_pages=28)),
+           "sampled-mesh": (2, dict(draft_sampling="sample"))}
+
+
+@pytest.mark.parametrize("k,extra", BATCHED.values(), ids=BATCHED.keys())
+def test_batched_prefill_gives_each_request_its_tokens(model, prompts, reference, k, extra):
+    """Three requests prefilled together (four rows: one padding) in chunks of 16, their prompts of 1, 2 and
+    3 chunks (rows whose prompt is done write nothing), then the fourth alone: the reference's greedy tokens,
+    plainly, and speculatively with a paged cache; seeded sampling with sampled drafts on a tensor 2 x expert 2
+    mesh gives the tokens of the requests prefilled one at a time."""
+    want, stop = reference
+    reqs = requests(prompts, stop)
+    if extra.get("draft_sampling") == "sample":
+        reqs = [Request(str(i), tuple(p), SamplingParams(max_tokens=NEW, temperature=0.9, top_p=0.95, seed=7 + i),
+                        "completion") for i, p in enumerate(prompts)]
+        mesh = make_mesh({"tensor": 2, "expert": 2}, jax.devices()[:4])
+        engine = Engine(shard_model(load(), mesh), EngineConfig(num_speculative_tokens=k, **{**ENGINE, "slots": 4},
+                                                               prefill_batch=3, **extra), mesh=mesh)
+        want = [c.tokens for c in Engine(model, EngineConfig(num_speculative_tokens=k, **extra, **ENGINE)
+                                         ).generate(reqs)]
+    else:
+        engine = Engine(model, EngineConfig(num_speculative_tokens=k, **{**ENGINE, "slots": 4}, prefill_batch=3,
+                                            **extra))
+    prefill = engine._prefill
+    calls = []
+    engine._prefill = lambda admitted: calls.append(len(admitted)) or prefill(admitted)
+    assert [c.tokens for c in engine.generate(reqs)] == want
+    assert calls == [3, 1]
 
 
 def test_page_allocator_gives_each_sequence_shard_its_range_of_positions():

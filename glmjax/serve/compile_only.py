@@ -196,13 +196,12 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
         tokens = slots * (k + 1)
     elif program == "prefill":
         name, static, tokens = "prefill", dict(k=k, sampled_drafts=False), prefill_chunk
-        scalar = arg((), jnp.int32)
-        sampling = SamplingArrays(arg((1,), jnp.float32), arg((1,), jnp.int32), arg((1,), jnp.float32),
-                                  arg((1, 2), jnp.uint32))
-        # slot, tokens, next_tokens, start, count, last, sampling
-        args = (scalar, arg((1, prefill_chunk), jnp.int32), arg((1, prefill_chunk), jnp.int32), scalar, scalar,
-                arg((), jnp.bool_), sampling)
-        trace_rules = {**rules, "batch": ()}  # as Engine._call: one request, its batch of 1 not split
+        one = arg((1,), jnp.int32)
+        sampling = SamplingArrays(arg((1,), jnp.float32), one, arg((1,), jnp.float32), arg((1, 2), jnp.uint32))
+        # slots, tokens, next_tokens, start, count, last, sampling: one request's chunk
+        args = (one, arg((1, prefill_chunk), jnp.int32), arg((1, prefill_chunk), jnp.int32), one, one,
+                arg((1,), jnp.bool_), sampling)
+        trace_rules = {**rules, "batch": ()}  # as Engine._call: a prefill call's requests are not split
     else:
         raise ConfigError(f"program: {program!r} is not 'speculative' or 'prefill'")
 

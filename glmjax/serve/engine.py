@@ -1,8 +1,9 @@
 """The serving engine: continuous batching over a fixed number of cache slots, with optional MTP speculative
 decoding. The device work is the jitted programs of glmjax.serve.steps; this host loop only schedules:
 
-    admit waiting requests into free slots (chunked prefill: a prompt never needs more than one chunk's
-      activations; the last chunk samples the first token and drafts)
+    admit waiting requests into free slots, up to prefill_batch of them prefilled together (chunked
+      prefill: a prompt never needs more than one chunk's activations; the last chunk samples the first
+      token and drafts)
     one step for every slot (decode, or verify + accept + draft)
     append each slot's new tokens, stop it (EOS / stop ids, max_tokens, stop strings), free its slot
 
@@ -40,7 +41,10 @@ from pallas_kernels.common import kernel_family
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """slots: sequences decoded together (the cache holds slots x max_len tokens); max_len: prompt plus
-    completion tokens per request; prefill_chunk: prompt tokens per prefill call; num_speculative_tokens: MTP
+    completion tokens per request; prefill_chunk: prompt tokens per request and prefill call; prefill_batch:
+    waiting requests admitted and prefilled together, a chunk of each per call (a call holds prefill_batch x
+    prefill_chunk tokens of activations; fewer waiting requests run in the next power of two of rows);
+    num_speculative_tokens: MTP
     draft steps per verification (0: plain decoding); draft_sampling: "greedy" drafts (q one-hot) or drafts
     sampled from the MTP layer's distribution under the request's sampling parameters (both lossless);
     cache_dtype: None = the model's activation dtype; seed: base of the seeds of requests without one.
@@ -60,6 +64,7 @@ class EngineConfig:
     slots: int = 8
     max_len: int = 2048
     prefill_chunk: int = 256
+    prefill_batch: int = 1
     num_speculative_tokens: int = 0
     draft_sampling: Literal["greedy", "sample"] = "greedy"
     cache_dtype: str | None = None
@@ -77,7 +82,7 @@ class EngineConfig:
         return self.num_pages or self.slots * self.max_len // self.page_size
 
     def __post_init__(self):
-        for name in ("slots", "max_len", "prefill_chunk"):
+        for name in ("slots", "max_len", "prefill_chunk", "prefill_batch"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_speculative_tokens < 0:
@@ -272,8 +277,8 @@ class Engine:
         with contextlib.ExitStack() as scope:
             if self.mesh is not None:
                 scope.enter_context(jax.set_mesh(self.mesh))
-                # One request: a prefill chunk's batch of 1 is not split (every device of its slot group
-                # computes it).
+                # A prefill call's few requests are not split over the batch axes (every device of their
+                # slot groups computes them).
                 scope.enter_context(logical_rules({**self.rules, "batch": ()} if name == "prefill" else self.rules))
             out = self._program(name, **static)(self.params, self.cache, self.state, *args)
         self.cache, self.state = out[0], out[1]
@@ -297,26 +302,39 @@ class Engine:
         if self.pages is not None:
             self.pages.check(request.id, self._budget(request))
 
-    def _prefill(self, slot: int, request: Request) -> int:
-        """Prefills `request` into `slot` chunk by chunk -> its first token."""
-        p = request.params
-        ids = np.asarray(request.prompt_ids, np.int32)
+    def _prefill(self, admitted: list[tuple[int, Request]]) -> list[int]:
+        """Prefills the (slot, request) pairs together, a chunk of each per call -> their first tokens. The
+        calls have the next power of two of rows; rows without a chunk (padding, or a prompt already done)
+        write nothing."""
         C = min(self.config.prefill_chunk, self.config.max_len)
-        s = sampling_arrays([p.temperature], [p.top_k], [p.top_p], [self._seed(request)])
-        first = None
-        for start in range(0, len(ids), C):
-            chunk = ids[start:start + C]
-            nxt = ids[start + 1:start + C + 1]
-            tokens = np.zeros((1, C), np.int32)
-            next_tokens = np.zeros((1, C), np.int32)
-            tokens[0, :len(chunk)] = chunk
-            next_tokens[0, :len(nxt)] = nxt
-            last = start + C >= len(ids)
-            out = self._call("prefill", jnp.int32(slot), jnp.asarray(tokens), jnp.asarray(next_tokens),
-                             jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(last), s, k=self.k,
+        R = 1 << (len(admitted) - 1).bit_length()
+        ids = [np.asarray(r.prompt_ids, np.int32) for _, r in admitted]
+        params = [r.params for _, r in admitted] + [None] * (R - len(admitted))
+        s = sampling_arrays([0.0 if p is None else p.temperature for p in params],
+                            [0 if p is None else p.top_k for p in params],
+                            [1.0 if p is None else p.top_p for p in params],
+                            [self._seed(r) for _, r in admitted] + [0] * (R - len(admitted)))
+        slots = np.full((R,), admitted[0][0], np.int32)  # padding rows read the first request's slot
+        slots[:len(admitted)] = [b for b, _ in admitted]
+        first = [0] * len(admitted)
+        for c0 in range(0, max(len(x) for x in ids), C):
+            tokens, next_tokens = np.zeros((R, C), np.int32), np.zeros((R, C), np.int32)
+            start = np.full((R,), self.config.max_len, np.int32)  # nothing to write: past the cache's end
+            count, last = np.zeros((R,), np.int32), np.zeros((R,), bool)
+            for r, x in enumerate(ids):
+                if c0 >= len(x):
+                    continue
+                chunk, nxt = x[c0:c0 + C], x[c0 + 1:c0 + C + 1]
+                tokens[r, :len(chunk)], next_tokens[r, :len(nxt)] = chunk, nxt
+                start[r], count[r], last[r] = c0, len(chunk), c0 + C >= len(x)
+            out = self._call("prefill", jnp.asarray(slots), jnp.asarray(tokens), jnp.asarray(next_tokens),
+                             jnp.asarray(start), jnp.asarray(count), jnp.asarray(last), s, k=self.k,
                              sampled_drafts=self.sampled_drafts)
-            first = out[0]
-        return int(first)
+            if last.any():
+                got = np.asarray(out[0])
+                for r in np.flatnonzero(last[:len(admitted)]):
+                    first[r] = int(got[r])
+        return first
 
     def run(self, requests: Iterable[Request]) -> Iterator[Completion]:
         waiting = iter(requests)
@@ -324,8 +342,13 @@ class Engine:
         held: Request | None = None  # the next request, waiting for cache pages (a paged cache)
         exhausted = False
         while True:
-            for b in range(len(slots)):
-                while slots[b] is None and not exhausted:
+            while True:  # until no free slot takes a request (some finish at their first token)
+                admitted: list[tuple[int, Request]] = []
+                for b in range(len(slots)):
+                    if slots[b] is not None:
+                        continue
+                    if exhausted or len(admitted) == self.config.prefill_batch:
+                        break
                     request, held = held or next(waiting, None), None
                     if request is None:
                         exhausted = True
@@ -334,11 +357,15 @@ class Engine:
                     if not self._reserve(b, request):
                         held = request  # first come, first served: nothing overtakes it (another slot group
                         self.stats["waited"] += 1  # may have its pages)
-                        break
-                    t0 = time.perf_counter()
-                    live = _Live(request, StopChecker(request.params, self.codec, self.eos_ids), t0)
-                    first = self._prefill(b, request)
-                    self.stats["prefill_s"] += time.perf_counter() - t0
+                        continue
+                    admitted.append((b, request))
+                if not admitted:
+                    break
+                t0 = time.perf_counter()
+                lives = [_Live(r, StopChecker(r.params, self.codec, self.eos_ids), t0) for _, r in admitted]
+                firsts = self._prefill(admitted)
+                self.stats["prefill_s"] += time.perf_counter() - t0
+                for (b, _), live, first in zip(admitted, lives, firsts, strict=True):
                     if live.add([first]):
                         self._free(b)
                         yield live.done()

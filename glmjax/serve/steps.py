@@ -1,7 +1,7 @@
 """The serving engine's device programs, each one jitted function of static shape; the host only schedules.
 
-- `prefill`: one chunk of one request's prompt into its slot (target layers, and the MTP layer's rows when
-  drafting); the last chunk samples the first token and drafts from it.
+- `prefill`: one chunk of the prompts of R requests into their slots (target layers, and the MTP layer's
+  rows when drafting); a prompt's last chunk samples its first token and drafts from it.
 - `decode`: one token for every slot.
 - `speculative`: verify every slot's k drafts in one target forward, accept per row (greedy prefix match or
   lossless rejection sampling), roll back by lengths, then draft the next k with the MTP layer: its first step
@@ -13,7 +13,7 @@ target hidden state j and token j + 1, and both exist once token j + 1 has been 
 (emitted, not yet in the cache), how many tokens the request has emitted (the position its randomness is keyed
 on), and the drafts for the next verification.
 
-Shapes: B slots, k drafts, V vocabulary, C prefill chunk.
+Shapes: B slots, k drafts, V vocabulary, C prefill chunk, R requests prefilled together.
 """
 
 from __future__ import annotations
@@ -97,28 +97,34 @@ def draft(model: GlmMoeDsa, cache: KVCache, first, last: jax.Array, state: SlotS
     return drafts, jnp.concatenate([q[:, None], jnp.moveaxis(qs, 0, 1)], axis=1)
 
 
-def prefill(model: GlmMoeDsa, cache: KVCache, state: SlotState, slot: jax.Array, tokens: jax.Array,
+def prefill(model: GlmMoeDsa, cache: KVCache, state: SlotState, slots: jax.Array, tokens: jax.Array,
             next_tokens: jax.Array, start: jax.Array, count: jax.Array, last: jax.Array,
             sampling: SamplingArrays, *, k: int, sampled_drafts: bool):
-    """One prompt chunk of the request in `slot`: tokens [1,C] at positions start.., count [] of them real;
-    next_tokens [1,C]: each token's successor in the prompt (for the MTP rows; after the prompt's last token
-    comes the first sampled one). last [] bool: the prompt's final chunk: the slot's state is set (first token
-    sampled, drafts made) only then. sampling: the request's SamplingArrays ([1] rows). One program for every
-    chunk. -> (cache, state, first token [])."""
-    rows = Rows(slot[None], start[None], count[None])
+    """One prompt chunk of each of R requests: row r is the request in cache slot slots[r] (distinct), tokens
+    [R,C] at positions start[r].., count[r] of them real; next_tokens [R,C]: each token's successor in the
+    prompt (for the MTP rows; after the prompt's last token comes the first sampled one). last [R] bool: the
+    row is its prompt's final chunk: the slot's state is set (first token sampled, drafts made) only then. A
+    row with nothing to prefill (a prompt done in an earlier chunk, or padding) has count 0 and start at the
+    cache's end, so none of its rows are written. sampling: the requests' SamplingArrays ([R] rows). One
+    program per R, whatever the chunk. -> (cache, state, first tokens [R])."""
+    R = tokens.shape[0]
+    rows = Rows(slots, start, count)
     cache, hidden = target_forward(model, cache, tokens, rows)
-    end = count[None] - 1
+    end = jnp.maximum(count - 1, 0)
     probs = target_probs(model.head(_row(hidden, end)), sampling)
-    first_token = sample(probs, sampling, jnp.zeros((1, 1), jnp.int32), TARGET_STREAM)[:, 0]
-    row = SlotState(start[None] + count[None], first_token, jnp.ones((1,), jnp.int32), state.drafts[slot][None],
-                    None if state.draft_probs is None else state.draft_probs[slot][None], sampling)
+    first_token = sample(probs, sampling, jnp.zeros((R, 1), jnp.int32), TARGET_STREAM)[:, 0]
+    row = SlotState(start + count, first_token, jnp.ones((R,), jnp.int32), state.drafts[slots],
+                    None if state.draft_probs is None else state.draft_probs[slots], sampling)
     if k:
-        nxt = jnp.where(last, first_token[0], next_tokens[0, end[0]])
-        cache, first = mtp_forward(model, cache, next_tokens.at[0, end[0]].set(nxt), hidden, rows)
+        r = jnp.arange(R)
+        nxt = jnp.where(last, first_token, next_tokens[r, end])
+        cache, first = mtp_forward(model, cache, next_tokens.at[r, end].set(nxt), hidden, rows)
         drafts, q = draft(model, cache, first, end, row, k, sampled_drafts, rows.slots)
         row = row._replace(drafts=drafts, draft_probs=q)
-    state = jax.tree.map(lambda a, r: a.at[slot].set(jnp.where(last, r[0], a[slot])), state, row)
-    return cache, state, first_token[0]
+    # Only final chunks set their slot's state; the other rows' writes go out of bounds and are dropped.
+    target = jnp.where(last, slots, state.length.shape[0])
+    state = jax.tree.map(lambda a, r: a.at[target].set(r, mode="drop"), state, row)
+    return cache, state, first_token
 
 
 def decode(model: GlmMoeDsa, cache: KVCache, state: SlotState, active: jax.Array):
