@@ -53,7 +53,7 @@ def test_batch_file_round_trip_with_bad_lines(capsys, tmp_path, want):
                   line("text-no-tokenizer", "hello")]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    out = run(capsys, "--input", str(src), "--output", str(dst), "--return-token-ids")
+    out = run(capsys, "--input", str(src), "--output", str(dst), "--return-token-ids", "--prefill-batch", "2")
     got = read(dst)
     assert len(got) == len(lines)
     for cid, tokens in want.items():
