@@ -156,28 +156,23 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(model, prompts)
 
 
 BATCHED = {"plain": (0, {}), "speculative-paged": (3, dict(page_size=8, num_pages=28)),
-           "sampled-mesh": (2, dict(draft_sampling="sample"))}
+           "sampled": (2, dict(draft_sampling="sample"))}
 
 
 @pytest.mark.parametrize("k,extra", BATCHED.values(), ids=BATCHED.keys())
 def test_batched_prefill_gives_each_request_its_tokens(model, prompts, reference, k, extra):
     """Three requests prefilled together (four rows: one padding) in chunks of 16, their prompts of 1, 2 and
     3 chunks (rows whose prompt is done write nothing), then the fourth alone: the reference's greedy tokens,
-    plainly, and speculatively with a paged cache; seeded sampling with sampled drafts on a tensor 2 x expert 2
-    mesh gives the tokens of the requests prefilled one at a time."""
+    plainly, and speculatively with a paged cache; seeded sampling with sampled drafts gives the tokens of
+    the requests prefilled one at a time. (On meshes: test_paged_cache_gives_the_slot_cache_tokens.)"""
     want, stop = reference
     reqs = requests(prompts, stop)
-    if extra.get("draft_sampling") == "sample":
+    config = dict(num_speculative_tokens=k, **{**ENGINE, "slots": 4}, **extra)
+    if extra.get("draft_sampling") == "sample":  # against one-at-a-time prefill in the same slots
         reqs = [Request(str(i), tuple(p), SamplingParams(max_tokens=NEW, temperature=0.9, top_p=0.95, seed=7 + i),
                         "completion") for i, p in enumerate(prompts)]
-        mesh = make_mesh({"tensor": 2, "expert": 2}, jax.devices()[:4])
-        engine = Engine(shard_model(load(), mesh), EngineConfig(num_speculative_tokens=k, **{**ENGINE, "slots": 4},
-                                                               prefill_batch=3, **extra), mesh=mesh)
-        want = [c.tokens for c in Engine(model, EngineConfig(num_speculative_tokens=k, **extra, **ENGINE)
-                                         ).generate(reqs)]
-    else:
-        engine = Engine(model, EngineConfig(num_speculative_tokens=k, **{**ENGINE, "slots": 4}, prefill_batch=3,
-                                            **extra))
+        want = [c.tokens for c in Engine(model, EngineConfig(**config)).generate(reqs)]
+    engine = Engine(model, EngineConfig(**config, prefill_batch=3))
     prefill = engine._prefill
     calls = []
     engine._prefill = lambda admitted: calls.append(len(admitted)) or prefill(admitted)
@@ -229,10 +224,12 @@ def test_paged_cache_gives_the_slot_cache_tokens(model, prompts, reference, k, n
     expert (8 pages per slot group, each slot's pages on its devices; a prefill chunk, whose one request is
     not split, merges over the groups); and speculative with the cache split over context 2 as well, each
     sequence shard holding the pages of its half of every slot's positions (8 pages per device: the exact
-    distributed top-k and the log-sum-exp merge over the shards, as for the slot cache). Every page is back
-    in the pool at the end."""
+    distributed top-k and the log-sum-exp merge over the shards, as for the slot cache). On the meshes the
+    first two requests are prefilled together (EngineConfig.prefill_batch). Every page is back in the pool
+    at the end."""
     want, stop = reference
-    config = EngineConfig(num_speculative_tokens=k, page_size=8, num_pages=num_pages, **ENGINE)
+    config = EngineConfig(num_speculative_tokens=k, page_size=8, num_pages=num_pages, prefill_batch=2 if shape else 1,
+                          **ENGINE)
     if shape:
         mesh = make_mesh(shape, jax.devices()[:int(np.prod(list(shape.values())))])
         engine = Engine(shard_model(load(), mesh), config, mesh=mesh)
