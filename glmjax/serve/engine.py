@@ -44,10 +44,10 @@ class EngineConfig:
     completion tokens per request; prefill_chunk: prompt tokens per request and prefill call; prefill_batch:
     waiting requests admitted and prefilled together, a chunk of each per call (a call holds prefill_batch x
     prefill_chunk tokens of activations; fewer waiting requests run in the next power of two of rows);
-    num_speculative_tokens: MTP
-    draft steps per verification (0: plain decoding); draft_sampling: "greedy" drafts (q one-hot) or drafts
-    sampled from the MTP layer's distribution under the request's sampling parameters (both lossless);
-    cache_dtype: None = the model's activation dtype; seed: base of the seeds of requests without one.
+    num_speculative_tokens: MTP draft steps per verification (0: plain decoding); draft_sampling: "greedy"
+    drafts (q one-hot) or drafts sampled from the MTP layer's distribution under the request's sampling
+    parameters (both lossless); cache_dtype: None = the model's activation dtype; seed: base of the seeds of
+    requests without one.
 
     The cache (glmjax.serve.kv_cache):
     - kv_seq_axes: the mesh axes every slot's cache is split over along the sequence (on a mesh; see

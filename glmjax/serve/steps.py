@@ -100,12 +100,13 @@ def draft(model: GlmMoeDsa, cache: KVCache, first, last: jax.Array, state: SlotS
 def prefill(model: GlmMoeDsa, cache: KVCache, state: SlotState, slots: jax.Array, tokens: jax.Array,
             next_tokens: jax.Array, start: jax.Array, count: jax.Array, last: jax.Array,
             sampling: SamplingArrays, *, k: int, sampled_drafts: bool):
-    """One prompt chunk of each of R requests: row r is the request in cache slot slots[r] (distinct), tokens
+    """One prompt chunk of each of R requests: row r is the request in cache slot slots[r], tokens
     [R,C] at positions start[r].., count[r] of them real; next_tokens [R,C]: each token's successor in the
     prompt (for the MTP rows; after the prompt's last token comes the first sampled one). last [R] bool: the
     row is its prompt's final chunk: the slot's state is set (first token sampled, drafts made) only then. A
-    row with nothing to prefill (a prompt done in an earlier chunk, or padding) has count 0 and start at the
-    cache's end, so none of its rows are written. sampling: the requests' SamplingArrays ([R] rows). One
+    row with nothing to prefill (a prompt done in an earlier chunk, or padding, which may name another row's
+    slot) has count 0, last False and start at the cache's end, so none of its rows are written; the rows
+    with a chunk have distinct slots. sampling: the requests' SamplingArrays ([R] rows). One
     program per R, whatever the chunk. -> (cache, state, first tokens [R])."""
     R = tokens.shape[0]
     rows = Rows(slots, start, count)
