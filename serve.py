@@ -234,7 +234,8 @@ def compile_only(args) -> None:
     k = 3 if args.num_speculative_tokens is None else args.num_speculative_tokens
     report = compile_serve_step(cfg, args.topology, args.mesh or {}, slots=args.slots,
                                 max_len=args.max_len or cfg.max_position_embeddings, k=k, program=args.program,
-                                prefill_chunk=args.prefill_chunk, rules=serve_rules(args.kv_seq_axes),
+                                prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch,
+                                rules=serve_rules(args.kv_seq_axes),
                                 kv_quant=kv_quant(args), page_size=args.page_size, num_pages=args.num_pages)
     print(report.table())
 

@@ -52,6 +52,21 @@ def test_speculative_step_compiles_on_a_tensor_expert_mesh():
     assert "total per chip" in table and "HBM per chip" in table and "updated in place: yes" in table
 
 
+@pytest.mark.slow  # 82 s of compilation on 2 cores; the speculative step above compiles the same layers
+def test_batched_prefill_compiles_on_a_tensor_expert_mesh():
+    """The engine's largest prefill call for 3 requests (4 rows of a 256-token chunk, the MTP rows and k
+    drafts) compiles with the Mosaic kernels and updates the cache in place."""
+    import benchmarks.tpu_aot  # noqa: F401
+    from glmjax.serve.compile_only import compile_serve_step
+
+    report = compile_serve_step(small_glm52(), TOPOLOGY, MESH, slots=SLOTS, max_len=MAX_LEN, k=K,
+                                program="prefill", prefill_chunk=256, prefill_batch=3)
+    print(report.table())
+    assert report.program == "prefill" and report.tokens == 4 * 256 and report.mosaic_kernels > 0
+    assert report.aliased_bytes >= report.cache_bytes + report.state_bytes
+    assert "1024-token prefill chunks" in report.table()
+
+
 def test_fp8_sequence_sharded_step_compiles_with_the_mosaic_kernels():
     """One 256K-token request, its FP8 cache (the TPU layout: values packed in uint32, the rope tails of two
     positions per 128-lane row, int8 indexer keys packed four positions per uint32 word along the sequence)

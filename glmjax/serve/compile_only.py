@@ -34,7 +34,7 @@ from glmjax.errors import ConfigError
 from glmjax.model.options import ModelOptions
 from glmjax.model.transformer import GlmMoeDsa
 from glmjax.serve import steps
-from glmjax.serve.engine import SERVE_RULES, index_key_dtype, jit_program, slot_shardings
+from glmjax.serve.engine import SERVE_RULES, index_key_dtype, jit_program, prefill_rows, slot_shardings
 from glmjax.serve.kv_cache import Quant, cache_shapes, check_split
 from glmjax.serve.sampling import SamplingArrays
 from glmjax.sharding import (
@@ -100,7 +100,7 @@ class ServeCompileReport:
     def table(self) -> str:
         mesh = " x ".join(f"{a} {n}" for a, n in self.mesh) or "one chip"
         what = {"speculative": f"verify {self.k} drafts + draft {self.k}", "decode": "one token",
-                "prefill": f"one {self.tokens}-token chunk"}[self.program]
+                "prefill": f"{self.tokens}-token prefill chunks"}[self.program]
         fmt = "fp8" if self.kv_quant == "fp8" else "bf16"
         if self.page_size:
             held = (f"KV cache, {fmt}, paged ({self.num_pages // (self.slot_split * self.seq_split):,} of "
@@ -137,15 +137,17 @@ def serve_options(dtype=jnp.bfloat16, scan_layers: bool = False) -> ModelOptions
 
 def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mapping[str, int], *, slots: int,
                        max_len: int, k: int, dtype=jnp.bfloat16, program: Program = "speculative",
-                       prefill_chunk: int = 4096, rules: Mapping[str, tuple[str, ...]] = SERVE_RULES,
+                       prefill_chunk: int = 4096, prefill_batch: int = 1,
+                       rules: Mapping[str, tuple[str, ...]] = SERVE_RULES,
                        scan_layers: bool = False, kv_quant: Quant = "none", page_size: int | None = None,
                        num_pages: int | None = None) -> ServeCompileReport:
     """Compiles one serving step of `config` for every chip of `topology` (e.g. "v5p:4x4x4") under a mesh of
     `mesh_shape` (e.g. {"tensor": 4, "expert": 16}; its sizes must multiply to the topology's chips).
 
     program "speculative": the engine's per-step program for slots sequences of up to max_len tokens with k
-    greedy MTP drafts (k = 0: plain decoding, steps.decode); "prefill": one prefill_chunk-token chunk of one
-    request (steps.prefill, with the MTP rows and k drafts when k >= 1). The cache is [.., slots, max_len, 640]
+    greedy MTP drafts (k = 0: plain decoding, steps.decode); "prefill": one prefill_chunk-token chunk of each
+    of prefill_batch requests, in the engine's largest call for it (the next power of two of rows; steps.prefill,
+    with the MTP rows and k drafts when k >= 1). The cache is [.., slots, max_len, 640]
     bf16 (the TPU kernels' lane-padded width) plus the MTP layer's when k >= 1. rules: the logical-axis rules
     the weights are placed and the program traced by (the engine's SERVE_RULES by default, the cache split
     over context; engine.serve_rules(("context", "expert")) splits it over expert too; DEFAULT_RULES would
@@ -195,12 +197,14 @@ def compile_serve_step(config: GlmMoeDsaConfig, topology: str, mesh_shape: Mappi
         args = (arg((slots,), jnp.bool_),)  # active
         tokens = slots * (k + 1)
     elif program == "prefill":
-        name, static, tokens = "prefill", dict(k=k, sampled_drafts=False), prefill_chunk
-        one = arg((1,), jnp.int32)
-        sampling = SamplingArrays(arg((1,), jnp.float32), one, arg((1,), jnp.float32), arg((1, 2), jnp.uint32))
-        # slots, tokens, next_tokens, start, count, last, sampling: one request's chunk
-        args = (one, arg((1, prefill_chunk), jnp.int32), arg((1, prefill_chunk), jnp.int32), one, one,
-                arg((1,), jnp.bool_), sampling)
+        rows = prefill_rows(prefill_batch)
+        name, static, tokens = "prefill", dict(k=k, sampled_drafts=False), rows * prefill_chunk
+        per_row = arg((rows,), jnp.int32)
+        sampling = SamplingArrays(arg((rows,), jnp.float32), per_row, arg((rows,), jnp.float32),
+                                  arg((rows, 2), jnp.uint32))
+        # slots, tokens, next_tokens, start, count, last, sampling: a chunk of each request
+        args = (per_row, arg((rows, prefill_chunk), jnp.int32), arg((rows, prefill_chunk), jnp.int32), per_row,
+                per_row, arg((rows,), jnp.bool_), sampling)
         trace_rules = {**rules, "batch": ()}  # as Engine._call: a prefill call's requests are not split
     else:
         raise ConfigError(f"program: {program!r} is not 'speculative' or 'prefill'")

@@ -193,6 +193,11 @@ def slot_shardings(cache: KVCache, state: steps.SlotState, mesh: Mesh, rules=SER
     return cache_sh, jax.tree.map(on(0, first=slots), state)
 
 
+def prefill_rows(requests: int) -> int:
+    """Rows of a prefill call for `requests` requests: the next power of two (few programs compile)."""
+    return 1 << (requests - 1).bit_length()
+
+
 def index_key_dtype(options: ModelOptions):
     """The 8-bit dtype of quantized indexer keys: float8_e4m3fn for the GPU scores kernel (its FP8 tensor-core
     path), int8 otherwise (the TPU layout packs them four positions to a uint32 word: glmjax.serve.kv_cache).
@@ -307,7 +312,7 @@ class Engine:
         calls have the next power of two of rows; rows without a chunk (padding, or a prompt already done)
         write nothing."""
         C = min(self.config.prefill_chunk, self.config.max_len)
-        R = 1 << (len(admitted) - 1).bit_length()
+        R = prefill_rows(len(admitted))
         ids = [np.asarray(r.prompt_ids, np.int32) for _, r in admitted]
         params = [r.params for _, r in admitted] + [None] * (R - len(admitted))
         s = sampling_arrays([0.0 if p is None else p.temperature for p in params],
