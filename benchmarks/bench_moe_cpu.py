@@ -24,16 +24,6 @@ SHAPES = {"demo (E8 k2, 128x64)": (8, 2, 128, 64), "E16 k4, 256x128": (16, 4, 25
           "bench_generate (E32 k8, 512x256)": (32, 8, 512, 256)}
 
 
-def routed_loop(plan, x, experts, wg, wu, wd):
-    """x [n, D], experts [n, k] -> [n, k, D] through the grouped-matmul loop (moe._ffn)."""
-    n, k = experts.shape
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    counts = jnp.bincount(flat, length=wg.shape[0]).astype(jnp.int32)
-    ys = moe._ffn(plan, x[order // k], counts, wg, wu, wd)
-    return ys[jnp.argsort(order)].reshape(n, k, -1)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="1,4,16,64,128")
@@ -46,7 +36,7 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         wg, wu = (jnp.asarray(rng.normal(size=(E, D, I)).astype(np.float32) * 0.05) for _ in range(2))
         wd = jnp.asarray(rng.normal(size=(E, I, D)).astype(np.float32) * 0.05)
-        loop = jax.jit(lambda *a, plan=plan: routed_loop(plan, *a))
+        loop = jax.jit(lambda x, e, *w, plan=plan: moe._dispatch(plan, x, e, jnp.ones(x.shape[:1], bool), *w))
         dense = jax.jit(lambda *a, plan=plan: moe._dense_ffn(plan, *a))
         for n in tokens:
             x = jnp.asarray(rng.normal(size=(n, D)).astype(np.float32))

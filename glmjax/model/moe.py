@@ -261,19 +261,13 @@ def _ep_bwd(plan, res, dout):
 _ep_experts.defvjp(_ep_fwd, _ep_bwd)
 
 
-def _routed_local(cfg: GlmMoeDsaConfig, plan: _Plan, x, valid, w_router, bias, wg, wu, wd):
-    """One device's routed experts. x [b,t,D], valid [b,t] -> (routed [b,t,D] float32, MoEStats with
-    seq_load/seq_score [b,E]); expert weights hold this device's experts (and moe_mlp slice)."""
-    b, t, D = x.shape
-    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    n = b * t
-    xf = x.reshape(n, D)
-    v = valid.reshape(n)
-    routing = route(cfg, xf, w_router, bias)
-    if _dense_below(plan, n, k):
-        y = jnp.where(v[:, None, None], _dense_ffn(plan, xf.astype(plan.dtype), routing.experts, wg, wu, wd), 0)
-        return _combine(cfg, plan, routing, y, valid)
-    flat = jnp.where(v[:, None], routing.experts, E).reshape(-1)  # invalid tokens -> E, sorted last
+def _dispatch(plan: _Plan, xf, experts, v, wg, wu, wd):
+    """The chosen experts' outputs through the grouped matmuls: xf [n, D], experts [n, k], v [n] bool ->
+    [n, k, D] in _out_dtype (0 for invalid tokens, which are not dispatched). Assignments are sorted by
+    expert; under expert parallelism they travel to the devices holding their experts and back."""
+    n, k = experts.shape
+    E = plan.num_experts
+    flat = jnp.where(v[:, None], experts, E).reshape(-1)  # invalid tokens -> E, sorted last
     order = jnp.argsort(flat, stable=True)
     counts = jnp.bincount(flat, length=E).astype(jnp.int32)  # E (invalid) is not counted
     xs = xf[order // k].astype(plan.dtype)  # [n*k, D], grouped by expert
@@ -287,7 +281,20 @@ def _routed_local(cfg: GlmMoeDsaConfig, plan: _Plan, x, valid, w_router, bias, w
         # can differ only across devices holding different tokens.
         rounds = jax.lax.pmax(need, plan.token_axes) if plan.token_axes else need
         ys = _ep_experts(plan, xs, wg, wu, wd, flat[order], dest_start, dest_count, rounds)
-    y = ys[jnp.argsort(order)].reshape(n, k, D)  # back to (token, slot) order: a gather, not a scatter
+    return ys[jnp.argsort(order)].reshape(n, k, -1)  # back to (token, slot) order: a gather, not a scatter
+
+
+def _routed_local(cfg: GlmMoeDsaConfig, plan: _Plan, x, valid, w_router, bias, wg, wu, wd):
+    """One device's routed experts. x [b,t,D], valid [b,t] -> (routed [b,t,D] float32, MoEStats with
+    seq_load/seq_score [b,E]); expert weights hold this device's experts (and moe_mlp slice)."""
+    b, t, D = x.shape
+    xf = x.reshape(b * t, D)
+    v = valid.reshape(b * t)
+    routing = route(cfg, xf, w_router, bias)
+    if _dense_below(plan, b * t, cfg.num_experts_per_tok):
+        y = jnp.where(v[:, None, None], _dense_ffn(plan, xf.astype(plan.dtype), routing.experts, wg, wu, wd), 0)
+    else:
+        y = _dispatch(plan, xf, routing.experts, v, wg, wu, wd)
     return _combine(cfg, plan, routing, y, valid)
 
 

@@ -314,11 +314,9 @@ class Engine:
         C = min(self.config.prefill_chunk, self.config.max_len)
         R = prefill_rows(len(admitted))
         ids = [np.asarray(r.prompt_ids, np.int32) for _, r in admitted]
-        params = [r.params for _, r in admitted] + [None] * (R - len(admitted))
-        s = sampling_arrays([0.0 if p is None else p.temperature for p in params],
-                            [0 if p is None else p.top_k for p in params],
-                            [1.0 if p is None else p.top_p for p in params],
-                            [self._seed(r) for _, r in admitted] + [0] * (R - len(admitted)))
+        ps, pad = [r.params for _, r in admitted], R - len(admitted)  # padding rows: greedy
+        s = sampling_arrays([p.temperature for p in ps] + [0.0] * pad, [p.top_k for p in ps] + [0] * pad,
+                            [p.top_p for p in ps] + [1.0] * pad, [self._seed(r) for _, r in admitted] + [0] * pad)
         slots = np.full((R,), admitted[0][0], np.int32)  # padding rows read the first request's slot
         slots[:len(admitted)] = [b for b, _ in admitted]
         first = [0] * len(admitted)
